@@ -1,0 +1,2 @@
+//! Historian ingest.
+pub mod line_protocol;

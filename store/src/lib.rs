@@ -1,0 +1,18 @@
+//! The Historian lake: table schemas, the Hive-style partition layout, the manifest that
+//! says which Parquet files make up a table, and retention horizons.
+//!
+//! Nothing here knows about HTTP, the write-ahead log or DataFusion.
+
+pub mod lake;
+pub mod layout;
+pub mod manifest;
+pub mod partition;
+pub mod schema;
+pub mod table;
+
+pub use lake::{Lake, LakeError, S3Options};
+pub use layout::Layout;
+pub use manifest::{FileMeta, Manifest, ManifestError, ManifestStore, PendingDelete};
+pub use partition::{PartitionGranularity, PartitionKey};
+pub use schema::{ColumnDef, ColumnType, SEQ_COLUMN, TIME_COLUMN, TableSchema};
+pub use table::TableOptions;
