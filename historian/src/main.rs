@@ -1,1 +1,95 @@
-fn main() {}
+//! The `historian` binary: `serve` runs the server, `import` bulk-loads line protocol.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod http;
+mod import;
+mod server;
+
+/// Historian: a time-series historian for factories.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the server.
+    Serve(ServeArgs),
+    /// Loads `.lp` / `.lp.gz` files into a running server.
+    Import(import::ImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); without it the embedded defaults apply.
+    #[arg(long, env = "HISTORIAN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory: the WAL, and the lake unless `storage.lake` says otherwise.
+    #[arg(long, env = "HISTORIAN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP listen address, e.g. 127.0.0.1:8181 (port 0 picks a free one).
+    #[arg(long, env = "HISTORIAN_HTTP_BIND")]
+    http_bind: Option<String>,
+}
+
+fn init_tracing(format: &str, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), Box<dyn std::error::Error>> = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                let mut config = match &args.config {
+                    Some(path) => config::Config::load(path)?,
+                    None => config::Config::default(),
+                };
+                if let Some(d) = args.data_dir {
+                    config.server.data_dir = d;
+                }
+                if let Some(b) = args.http_bind {
+                    config.server.http_bind = b;
+                }
+                init_tracing(&config.log.format, &config.log.level);
+                server::serve(config).await
+            }
+            Command::Import(args) => {
+                init_tracing("text", "warn");
+                import::run(args).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -248,7 +248,9 @@ fn quoted_line_len(b: &[u8]) -> (usize, usize) {
         Str,
     }
 
-    let to_newline = |from: usize| memchr(b'\n', b.get(from..).unwrap_or_default()).map_or(b.len(), |i| from + i);
+    let to_newline = |from: usize| {
+        memchr(b'\n', b.get(from..).unwrap_or_default()).map_or(b.len(), |i| from + i)
+    };
 
     let mut i = b.iter().position(|&c| !is_space(c)).unwrap_or(b.len());
     if b.get(i) == Some(&b'#') {
@@ -370,12 +372,19 @@ fn parse_u64(digits: &[u8]) -> Result<u64, NumberError> {
         }
         // Keep scanning after an overflow so that garbage is reported as invalid rather
         // than as out of range.
-        match value.checked_mul(10).and_then(|v| v.checked_add(u64::from(digit))) {
+        match value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(digit)))
+        {
             Some(v) => value = v,
             None => overflow = true,
         }
     }
-    if overflow { Err(NumberError::OutOfRange) } else { Ok(value) }
+    if overflow {
+        Err(NumberError::OutOfRange)
+    } else {
+        Ok(value)
+    }
 }
 
 fn parse_i64(text: &[u8]) -> Result<i64, NumberError> {
@@ -455,9 +464,19 @@ impl<'a> LineParser<'a> {
             .ok_or_else(|| self.error("internal error: bad token bounds", None))
     }
 
-    fn name(&self, from: usize, to: usize, escaped: bool, special: &[bool; 256]) -> Result<Cow<'a, str>, LineError> {
+    fn name(
+        &self,
+        from: usize,
+        to: usize,
+        escaped: bool,
+        special: &[bool; 256],
+    ) -> Result<Cow<'a, str>, LineError> {
         let raw = self.text(from, to)?;
-        Ok(if escaped { Cow::Owned(unescape(raw, special)) } else { Cow::Borrowed(raw) })
+        Ok(if escaped {
+            Cow::Owned(unescape(raw, special))
+        } else {
+            Cow::Borrowed(raw)
+        })
     }
 
     fn skip_spaces(&self, mut i: usize) -> usize {
@@ -548,7 +567,9 @@ impl<'a> LineParser<'a> {
             let timestamp = match parse_i64(b.get(start..pos).unwrap_or_default()) {
                 Ok(timestamp) => timestamp,
                 Err(NumberError::Invalid) => return Err(self.error("invalid timestamp", None)),
-                Err(NumberError::OutOfRange) => return Err(self.error("timestamp out of range", None)),
+                Err(NumberError::OutOfRange) => {
+                    return Err(self.error("timestamp out of range", None));
+                }
             };
             if self.skip_spaces(pos) < b.len() {
                 return Err(self.error("unexpected text after timestamp", None));
@@ -587,17 +608,23 @@ impl<'a> LineParser<'a> {
                 b"f" | b"F" | b"false" | b"False" | b"FALSE" => FieldValue::Boolean(false),
                 _ => return error("invalid boolean value"),
             },
-            [b'-' | b'.' | b'0'..=b'9', .., b'i'] => match parse_i64(token.get(..token.len() - 1).unwrap_or_default()) {
-                Ok(v) => FieldValue::Integer(v),
-                Err(NumberError::Invalid) => return error("invalid integer value"),
-                Err(NumberError::OutOfRange) => return error("integer value out of range"),
-            },
-            [b'-' | b'.' | b'0'..=b'9', .., b'u'] => match parse_u64(token.get(..token.len() - 1).unwrap_or_default()) {
-                Ok(v) => FieldValue::UInteger(v),
-                Err(NumberError::Invalid) => return error("invalid unsigned integer value"),
-                Err(NumberError::OutOfRange) => return error("unsigned integer value out of range"),
-            },
-            [b'-' | b'.' | b'0'..=b'9', ..] => {
+            [b'-' | b'+' | b'.' | b'0'..=b'9', .., b'i'] => {
+                match parse_i64(token.get(..token.len() - 1).unwrap_or_default()) {
+                    Ok(v) => FieldValue::Integer(v),
+                    Err(NumberError::Invalid) => return error("invalid integer value"),
+                    Err(NumberError::OutOfRange) => return error("integer value out of range"),
+                }
+            }
+            [b'-' | b'+' | b'.' | b'0'..=b'9', .., b'u'] => {
+                match parse_u64(token.get(..token.len() - 1).unwrap_or_default()) {
+                    Ok(v) => FieldValue::UInteger(v),
+                    Err(NumberError::Invalid) => return error("invalid unsigned integer value"),
+                    Err(NumberError::OutOfRange) => {
+                        return error("unsigned integer value out of range");
+                    }
+                }
+            }
+            [b'-' | b'+' | b'.' | b'0'..=b'9', ..] => {
                 if !is_float_syntax(token) {
                     return error("invalid float value");
                 }
@@ -633,7 +660,11 @@ impl<'a> LineParser<'a> {
             }
         };
         let raw = self.text(start, close)?;
-        let value = if escaped { Cow::Owned(unescape(raw, &STRING_ESCAPED)) } else { Cow::Borrowed(raw) };
+        let value = if escaped {
+            Cow::Owned(unescape(raw, &STRING_ESCAPED))
+        } else {
+            Cow::Borrowed(raw)
+        };
         let end = close + 1;
         if !matches!(b.get(end), None | Some(b',' | b' ')) {
             return Err(self.error("unexpected character after string value", Some(key)));
@@ -648,7 +679,11 @@ fn first_duplicate<'k, V>(items: &'k [(Cow<'_, str>, V)]) -> Option<&'k str> {
     // a line with thousands of keys from costing millions of comparisons.
     if items.len() <= 16 {
         items.iter().enumerate().find_map(|(i, (key, _))| {
-            items.iter().take(i).any(|(earlier, _)| earlier == key).then_some(key.as_ref())
+            items
+                .iter()
+                .take(i)
+                .any(|(earlier, _)| earlier == key)
+                .then_some(key.as_ref())
         })
     } else {
         let mut keys: Vec<&str> = items.iter().map(|(key, _)| key.as_ref()).collect();
@@ -657,5 +692,934 @@ fn first_duplicate<'k, V>(items: &'k [(Cow<'_, str>, V)]) -> Option<&'k str> {
             [a, b] if a == b => Some(*a),
             _ => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse_all(body: &str) -> Vec<Result<ParsedLine<'_>, LineError>> {
+        parse_lines(body.as_bytes()).collect()
+    }
+
+    fn parse_one(body: &str) -> ParsedLine<'_> {
+        let mut lines = parse_all(body);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        lines.remove(0).unwrap_or_else(|e| panic!("{body:?}: {e}"))
+    }
+
+    fn parse_err(body: &str) -> LineError {
+        let mut lines = parse_all(body);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        match lines.remove(0) {
+            Err(e) => e,
+            Ok(line) => panic!("{body:?} parsed: {line:?}"),
+        }
+    }
+
+    fn field<'a>(line: &'a ParsedLine<'_>, key: &str) -> &'a FieldValue<'a> {
+        &line.fields.iter().find(|(k, _)| k == key).unwrap().1
+    }
+
+    fn one_field(body: &str) -> FieldValue<'_> {
+        let line = parse_one(body);
+        assert_eq!(line.fields.len(), 1);
+        line.fields.into_iter().next().unwrap().1
+    }
+
+    #[test]
+    fn precision_parse() {
+        use Precision::*;
+        for (s, p) in [
+            ("ns", Nanosecond),
+            ("N", Nanosecond),
+            ("NanoSecond", Nanosecond),
+            ("us", Microsecond),
+            ("U", Microsecond),
+            ("µs", Microsecond),
+            ("µS", Microsecond),
+            ("μs", Microsecond),
+            ("MICROSECOND", Microsecond),
+            ("ms", Millisecond),
+            ("Millisecond", Millisecond),
+            ("s", Second),
+            ("SECOND", Second),
+            ("auto", Auto),
+            ("AUTO", Auto),
+        ] {
+            assert_eq!(Precision::parse(s), Some(p), "{s}");
+        }
+        for s in ["", "h", "m", "nanoseconds", " ns", "ns ", "msec", "µ"] {
+            assert_eq!(Precision::parse(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn precision_to_nanos() {
+        use Precision::*;
+        assert_eq!(Nanosecond.to_nanos(123), Some(123));
+        assert_eq!(Microsecond.to_nanos(123), Some(123_000));
+        assert_eq!(Millisecond.to_nanos(-123), Some(-123_000_000));
+        assert_eq!(
+            Second.to_nanos(1_700_000_000),
+            Some(1_700_000_000_000_000_000)
+        );
+        assert_eq!(Second.to_nanos(10_000_000_000), None);
+        assert_eq!(Microsecond.to_nanos(i64::MIN), None);
+        assert_eq!(Nanosecond.to_nanos(i64::MIN), Some(i64::MIN));
+
+        // Auto: the same instant in all four precisions.
+        let ns = 1_708_976_567_123_456_789;
+        assert_eq!(
+            Auto.to_nanos(1_708_976_567),
+            Some(1_708_976_567_000_000_000)
+        );
+        assert_eq!(
+            Auto.to_nanos(1_708_976_567_123),
+            Some(1_708_976_567_123_000_000)
+        );
+        assert_eq!(
+            Auto.to_nanos(1_708_976_567_123_456),
+            Some(1_708_976_567_123_456_000)
+        );
+        assert_eq!(Auto.to_nanos(ns), Some(ns));
+        assert_eq!(
+            Auto.to_nanos(-1_708_976_567),
+            Some(-1_708_976_567_000_000_000)
+        );
+        // The boundaries.
+        assert_eq!(
+            Auto.to_nanos(4_999_999_999),
+            Some(4_999_999_999_000_000_000)
+        );
+        assert_eq!(Auto.to_nanos(5_000_000_000), Some(5_000_000_000_000_000));
+        assert_eq!(
+            Auto.to_nanos(4_999_999_999_999),
+            Some(4_999_999_999_999_000_000)
+        );
+        assert_eq!(
+            Auto.to_nanos(5_000_000_000_000),
+            Some(5_000_000_000_000_000)
+        );
+        assert_eq!(
+            Auto.to_nanos(4_999_999_999_999_999),
+            Some(4_999_999_999_999_999_000)
+        );
+        assert_eq!(
+            Auto.to_nanos(5_000_000_000_000_000),
+            Some(5_000_000_000_000_000)
+        );
+        assert_eq!(Auto.to_nanos(0), Some(0));
+        assert_eq!(Auto.to_nanos(i64::MIN), Some(i64::MIN));
+        assert_eq!(Auto.to_nanos(i64::MAX), Some(i64::MAX));
+    }
+
+    #[test]
+    fn full_line_borrows() {
+        let line = parse_one(
+            "cpu,host=a,region=eu usage=1.5,count=3i,up=t,name=\"x y\" 1700000000000000000",
+        );
+        assert_eq!(line.line_number, 1);
+        assert!(matches!(line.measurement, Cow::Borrowed("cpu")));
+        assert_eq!(
+            line.tags,
+            vec![("host".into(), "a".into()), ("region".into(), "eu".into())]
+        );
+        assert!(
+            line.tags
+                .iter()
+                .all(|(k, v)| matches!(k, Cow::Borrowed(_)) && matches!(v, Cow::Borrowed(_)))
+        );
+        assert_eq!(field(&line, "usage"), &FieldValue::Float(1.5));
+        assert_eq!(field(&line, "count"), &FieldValue::Integer(3));
+        assert_eq!(field(&line, "up"), &FieldValue::Boolean(true));
+        assert!(matches!(
+            field(&line, "name"),
+            FieldValue::String(Cow::Borrowed("x y"))
+        ));
+        assert!(
+            line.fields
+                .iter()
+                .all(|(k, _)| matches!(k, Cow::Borrowed(_)))
+        );
+        assert_eq!(line.timestamp, Some(1_700_000_000_000_000_000));
+    }
+
+    #[test]
+    fn no_tags_no_timestamp() {
+        let line = parse_one("m f=1");
+        assert_eq!(line.measurement, "m");
+        assert!(line.tags.is_empty());
+        assert_eq!(line.fields, vec![("f".into(), FieldValue::Float(1.0))]);
+        assert_eq!(line.timestamp, None);
+    }
+
+    #[test]
+    fn measurement_escapes() {
+        let line = parse_one(r"my\,meas\ ure\\ment,t=v f=1");
+        assert!(matches!(line.measurement, Cow::Owned(_)));
+        assert_eq!(line.measurement, r"my,meas ure\ment");
+        // `=` needs no escape in a measurement, so `\=` keeps its backslash.
+        assert_eq!(parse_one(r"a\=b=c f=1").measurement, r"a\=b=c");
+        // A backslash before anything else is literal, and the name stays borrowed.
+        let line = parse_one(r"a\b\  f=1");
+        assert_eq!(line.measurement, r"a\b ");
+        assert!(matches!(
+            parse_one(r"a\b f=1").measurement,
+            Cow::Borrowed(r"a\b")
+        ));
+        // Quotes in a measurement are literal.
+        assert_eq!(parse_one("\"m\" f=1").measurement, "\"m\"");
+    }
+
+    #[test]
+    fn tag_and_field_key_escapes() {
+        let line = parse_one(r"m,k\,e\=y\ \\=v\,a\=l\ u\\e f\,i\=e\ l\\d=1i");
+        assert_eq!(line.tags, vec![(r"k,e=y \".into(), r"v,a=l u\e".into())]);
+        assert!(matches!(line.tags[0].0, Cow::Owned(_)));
+        assert!(matches!(line.tags[0].1, Cow::Owned(_)));
+        assert_eq!(
+            line.fields,
+            vec![(r"f,i=e l\d".into(), FieldValue::Integer(1))]
+        );
+        assert!(matches!(line.fields[0].0, Cow::Owned(_)));
+        // Literal backslashes, quotes and `#` in names.
+        let line = parse_one(r#"m,a\b="q" #x\y=1"#);
+        assert_eq!(line.tags, vec![(r"a\b".into(), "\"q\"".into())]);
+        assert_eq!(line.fields, vec![(r"#x\y".into(), FieldValue::Float(1.0))]);
+        // An escaped backslash at the end of a tag value, and an escaped space that
+        // hides the field set.
+        assert_eq!(
+            parse_one(r"m,t=v\\ f=1").tags,
+            vec![("t".into(), r"v\".into())]
+        );
+        assert_eq!(
+            parse_err(r"m,t=v\ f=1").reason,
+            "unescaped `=` in tag value"
+        );
+    }
+
+    #[test]
+    fn string_values() {
+        assert!(matches!(
+            one_field(r#"m f="""#),
+            FieldValue::String(Cow::Borrowed(""))
+        ));
+        assert!(matches!(
+            one_field(r#"m f="a, b=c d""#),
+            FieldValue::String(Cow::Borrowed("a, b=c d"))
+        ));
+        let value = one_field(r#"m f="say \"hi\" \\ \n \t""#);
+        assert_eq!(value, FieldValue::String(r#"say "hi" \ \n \t"#.into()));
+        assert!(matches!(value, FieldValue::String(Cow::Owned(_))));
+        // A backslash before the closing quote escapes it; an escaped backslash does not.
+        assert_eq!(one_field(r#"m f="a\\""#), FieldValue::String(r"a\".into()));
+        assert_eq!(parse_err(r#"m f="a\""#).reason, "unterminated string");
+        let line = parse_one(r#"m s="x",n=2i 5"#);
+        assert_eq!(
+            line.fields,
+            vec![
+                ("s".into(), FieldValue::String("x".into())),
+                ("n".into(), FieldValue::Integer(2))
+            ]
+        );
+        assert_eq!(line.timestamp, Some(5));
+        // Unicode.
+        assert_eq!(
+            one_field("m f=\"zürich 東京\""),
+            FieldValue::String("zürich 東京".into())
+        );
+    }
+
+    #[test]
+    fn newlines_inside_strings() {
+        let body = "m f=\"line one\nline two\r\nline \\\"three\\\"\n\",g=1i 7\nm f=2 8\r\n\nm,t=\"v f=\"x\ny\"\n";
+        let lines = parse_all(body);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let first = lines[0].as_ref().unwrap();
+        assert_eq!(first.line_number, 1);
+        assert_eq!(
+            field(first, "f"),
+            &FieldValue::String("line one\nline two\r\nline \"three\"\n".into())
+        );
+        assert_eq!(field(first, "g"), &FieldValue::Integer(1));
+        assert_eq!(first.timestamp, Some(7));
+        let second = lines[1].as_ref().unwrap();
+        assert_eq!(second.line_number, 5);
+        assert_eq!(second.timestamp, Some(8));
+        // A quote in a tag value starts no string.
+        let third = lines[2].as_ref().unwrap();
+        assert_eq!(third.line_number, 7);
+        assert_eq!(third.tags, vec![("t".into(), "\"v".into())]);
+        assert_eq!(field(third, "f"), &FieldValue::String("x\ny".into()));
+
+        // Quotes in measurements, field keys, unquoted values, timestamps and comments do
+        // not swallow the next line.
+        let body = "\"m f=1\nm \"f=1\nm f=1\"\nm f=1 1\"\n# \"\nm f=\"ok\"\n";
+        let lines = parse_all(body);
+        let numbers: Vec<usize> = lines
+            .iter()
+            .map(|r| match r {
+                Ok(l) => l.line_number,
+                Err(e) => e.line_number,
+            })
+            .collect();
+        assert_eq!(numbers, vec![1, 2, 3, 4, 6]);
+        assert!(lines[0].is_ok() && lines[1].is_ok() && lines[2].is_err() && lines[3].is_err());
+        assert_eq!(
+            lines[4].as_ref().unwrap().fields,
+            vec![("f".into(), FieldValue::String("ok".into()))]
+        );
+    }
+
+    #[test]
+    fn integers() {
+        assert_eq!(one_field("m f=0i"), FieldValue::Integer(0));
+        assert_eq!(one_field("m f=-0i"), FieldValue::Integer(0));
+        assert_eq!(one_field("m f=-42i"), FieldValue::Integer(-42));
+        assert_eq!(one_field("m f=007i"), FieldValue::Integer(7));
+        assert_eq!(
+            one_field("m f=9223372036854775807i"),
+            FieldValue::Integer(i64::MAX)
+        );
+        assert_eq!(
+            one_field("m f=-9223372036854775808i"),
+            FieldValue::Integer(i64::MIN)
+        );
+        for bad in [
+            "9223372036854775808i",
+            "-9223372036854775809i",
+            "99999999999999999999999i",
+        ] {
+            let e = parse_err(&format!("m f={bad}"));
+            assert_eq!(e.reason, "integer value out of range", "{bad}");
+            assert_eq!(e.column.as_deref(), Some("f"));
+        }
+        for bad in [
+            "1.5i",
+            "-i",
+            "+1i",
+            "1e3i",
+            "1x2i",
+            "--1i",
+            "1ii",
+            "99999999999999999999999xi",
+        ] {
+            assert_eq!(
+                parse_err(&format!("m f={bad}")).reason,
+                "invalid integer value",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn unsigned_integers() {
+        assert_eq!(one_field("m f=0u"), FieldValue::UInteger(0));
+        assert_eq!(
+            one_field("m f=18446744073709551615u"),
+            FieldValue::UInteger(u64::MAX)
+        );
+        assert_eq!(
+            parse_err("m f=18446744073709551616u").reason,
+            "unsigned integer value out of range"
+        );
+        for bad in ["-1u", "1.0u", ".u", "1e2u"] {
+            assert_eq!(
+                parse_err(&format!("m f={bad}")).reason,
+                "invalid unsigned integer value",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn floats() {
+        for (text, value) in [
+            ("1", 1.0),
+            ("-1", -1.0),
+            ("1.5", 1.5),
+            ("-1.5E-3", -1.5e-3),
+            ("1e3", 1e3),
+            ("1E+3", 1e3),
+            (".5", 0.5),
+            ("-.5", -0.5),
+            ("5.", 5.0),
+            ("5.e2", 500.0),
+            ("0", 0.0),
+            ("1e-400", 0.0),
+            (
+                "179769313486231570000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+                f64::MAX,
+            ),
+        ] {
+            assert_eq!(
+                one_field(&format!("m f={text}")),
+                FieldValue::Float(value),
+                "{text}"
+            );
+        }
+        for bad in [
+            "-", ".", "-.", "1e", "1e+", "1.2.3", "+1", "1_000", "1;5", "0x10", "-inf", "-NaN",
+            "1.5e3.2", "1f",
+        ] {
+            let e = parse_err(&format!("m f={bad}"));
+            assert_eq!(e.reason, "invalid float value", "{bad}");
+            assert_eq!(e.column.as_deref(), Some("f"));
+        }
+        assert_eq!(parse_err("m f=1e400").reason, "float value out of range");
+        assert_eq!(parse_err("m f=-1e400").reason, "float value out of range");
+        for bad in ["NaN", "nan", "inf", "Inf", "Infinity", "abc", "i", "u"] {
+            assert_eq!(
+                parse_err(&format!("m f={bad}")).reason,
+                "invalid field value (strings must be double-quoted)",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn booleans() {
+        for t in ["t", "T", "true", "True", "TRUE"] {
+            assert_eq!(
+                one_field(&format!("m f={t}")),
+                FieldValue::Boolean(true),
+                "{t}"
+            );
+        }
+        for f in ["f", "F", "false", "False", "FALSE"] {
+            assert_eq!(
+                one_field(&format!("m f={f}")),
+                FieldValue::Boolean(false),
+                "{f}"
+            );
+        }
+        for bad in ["tRUE", "tru", "truee", "fa", "FaLsE", "f1"] {
+            assert_eq!(
+                parse_err(&format!("m f={bad}")).reason,
+                "invalid boolean value",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(parse_one("m f=1 0").timestamp, Some(0));
+        assert_eq!(parse_one("m f=1 -1").timestamp, Some(-1));
+        assert_eq!(
+            parse_one("m f=1 9223372036854775807").timestamp,
+            Some(i64::MAX)
+        );
+        assert_eq!(
+            parse_one("m f=1 -9223372036854775808").timestamp,
+            Some(i64::MIN)
+        );
+        assert_eq!(parse_one("m f=1   123  \t \r").timestamp, Some(123));
+        assert_eq!(parse_one("m f=1 \t").timestamp, None);
+        assert_eq!(parse_one("m,t=a   f=1").fields.len(), 1);
+        for bad in ["12a", "1.5", "+1", "-", "0x1", "1e9"] {
+            let e = parse_err(&format!("m f=1 {bad}"));
+            assert_eq!(e.reason, "invalid timestamp", "{bad}");
+            assert_eq!(
+                (e.measurement.as_deref(), e.column.as_deref()),
+                (Some("m"), None)
+            );
+        }
+        assert_eq!(
+            parse_err("m f=1 9223372036854775808").reason,
+            "timestamp out of range"
+        );
+        assert_eq!(
+            parse_err("m f=1 1 2").reason,
+            "unexpected text after timestamp"
+        );
+    }
+
+    #[test]
+    fn line_ends_blank_lines_and_comments() {
+        let body = "\n# comment\r\n   # indented comment with \"quote\n\t\r\nm f=1 1\r\n  m f=2 2\n\nm f=3 3";
+        let lines: Vec<ParsedLine<'_>> = parse_all(body).into_iter().map(Result::unwrap).collect();
+        let got: Vec<(usize, Option<i64>)> =
+            lines.iter().map(|l| (l.line_number, l.timestamp)).collect();
+        assert_eq!(got, vec![(5, Some(1)), (6, Some(2)), (8, Some(3))]);
+        assert_eq!(lines[1].measurement, "m");
+        // `\r` before `\n` is not part of the last value.
+        assert_eq!(parse_all("m f=t\r\nm s=\"x\"\r\n").len(), 2);
+        assert!(
+            parse_all("m f=t\r\nm s=\"x\"\r\n")
+                .iter()
+                .all(Result::is_ok)
+        );
+        assert!(parse_all("").is_empty());
+        assert!(parse_all("\n\n\r\n  \n#\n").is_empty());
+    }
+
+    #[test]
+    fn invalid_utf8_only_fails_its_line() {
+        let body = b"m f=1 1\nm,t=\xff f=1 2\n# \xfe comment\nm f=\"\xc3\" 3\nm f=\"\xc3\xa9\" 4\n";
+        let lines: Vec<_> = parse_lines(body).collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0].as_ref().unwrap().timestamp, Some(1));
+        let e = lines[1].as_ref().unwrap_err();
+        assert_eq!(
+            (e.line_number, e.reason.as_str(), e.measurement.as_ref()),
+            (2, "invalid UTF-8", None)
+        );
+        assert_eq!(lines[2].as_ref().unwrap_err().line_number, 4);
+        let last = lines[3].as_ref().unwrap();
+        assert_eq!(
+            (last.line_number, field(last, "f")),
+            (5, &FieldValue::String("é".into()))
+        );
+    }
+
+    #[test]
+    fn errors_name_line_measurement_and_column() {
+        // (body, reason, measurement, column); the error is on line 2.
+        let cases: &[(&str, &str, Option<&str>, Option<&str>)] = &[
+            (",t=SECRET f=1", "missing measurement", None, None),
+            (" ,t=SECRET f=1", "missing measurement", None, None),
+            ("cpu", "missing field set", Some("cpu"), None),
+            ("cpu,t=SECRET", "missing field set", Some("cpu"), None),
+            ("cpu,t=SECRET  ", "missing field set", Some("cpu"), None),
+            ("c\\ pu,=SECRET f=1", "empty tag key", Some("c pu"), None),
+            ("cpu,t=SECRET, f=1", "empty tag key", Some("cpu"), None),
+            (
+                "cpu,host f=SECRET",
+                "missing tag value",
+                Some("cpu"),
+                Some("host"),
+            ),
+            (
+                "cpu,host= f=1",
+                "empty tag value",
+                Some("cpu"),
+                Some("host"),
+            ),
+            (
+                "cpu,host=,x=1 f=1",
+                "empty tag value",
+                Some("cpu"),
+                Some("host"),
+            ),
+            (
+                "cpu,host=SE=CRET f=1",
+                "unescaped `=` in tag value",
+                Some("cpu"),
+                Some("host"),
+            ),
+            (
+                "cpu,host=SECRET,host=SECRET2 f=1",
+                "duplicate tag key",
+                Some("cpu"),
+                Some("host"),
+            ),
+            (
+                "cpu,time=SECRET f=1",
+                "`time` is reserved",
+                Some("cpu"),
+                Some("time"),
+            ),
+            ("cpu,t=SECRET =1", "empty field key", Some("cpu"), None),
+            ("cpu f=1,=2", "empty field key", Some("cpu"), None),
+            ("cpu f=1,", "empty field key", Some("cpu"), None),
+            (
+                "cpu usage",
+                "missing field value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=",
+                "missing field value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage= 1",
+                "missing field value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=,x=1",
+                "missing field value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=1,usage=\"SECRET\"",
+                "duplicate field key",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu time=1i",
+                "`time` is reserved",
+                Some("cpu"),
+                Some("time"),
+            ),
+            (
+                "cpu usage=SECRET",
+                "invalid field value (strings must be double-quoted)",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=12345SECRETi",
+                "invalid integer value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=12345678901234567890123i",
+                "integer value out of range",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=12345SECRETu",
+                "invalid unsigned integer value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=-12345u",
+                "invalid unsigned integer value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=123456789012345678901234u",
+                "unsigned integer value out of range",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=12345SECRET",
+                "invalid float value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=12345e999",
+                "float value out of range",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=tSECRET",
+                "invalid boolean value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=\"SECRET\"x",
+                "unexpected character after string value",
+                Some("cpu"),
+                Some("usage"),
+            ),
+            (
+                "cpu usage=1 12345SECRET",
+                "invalid timestamp",
+                Some("cpu"),
+                None,
+            ),
+            (
+                "cpu usage=1 123456789012345678901234",
+                "timestamp out of range",
+                Some("cpu"),
+                None,
+            ),
+            (
+                "cpu usage=1 12345 SECRET",
+                "unexpected text after timestamp",
+                Some("cpu"),
+                None,
+            ),
+            (
+                "m\\,x,t=a f=1,f=2",
+                "duplicate field key",
+                Some("m,x"),
+                Some("f"),
+            ),
+            (
+                "m f\\ x=1,f\\ x=2",
+                "duplicate field key",
+                Some("m"),
+                Some("f x"),
+            ),
+        ];
+        for &(line, reason, measurement, column) in cases {
+            let body = format!("ok f=1\n{line}\nok f=2\n");
+            let lines = parse_all(&body);
+            assert_eq!(lines.len(), 3, "{line}: {lines:?}");
+            assert!(lines[0].is_ok() && lines[2].is_ok(), "{line}: {lines:?}");
+            let e = lines[1].as_ref().unwrap_err();
+            assert_eq!(e.line_number, 2, "{line}");
+            assert_eq!(e.reason, reason, "{line}");
+            assert_eq!(e.measurement.as_deref(), measurement, "{line}");
+            assert_eq!(e.column.as_deref(), column, "{line}");
+            for text in [e.reason.clone(), e.to_string(), format!("{e:?}")] {
+                assert!(
+                    !text.contains("SECRET") && !text.contains("12345"),
+                    "{line}: {text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unterminated_string_takes_the_rest_of_the_body() {
+        let lines = parse_all("m f=1\nm,t=x f=\"SECRET\nm f=2\n");
+        assert_eq!(lines.len(), 2);
+        let e = lines[1].as_ref().unwrap_err();
+        assert_eq!(
+            (e.line_number, e.reason.as_str()),
+            (2, "unterminated string")
+        );
+        assert_eq!(
+            (e.measurement.as_deref(), e.column.as_deref()),
+            (Some("m"), Some("f"))
+        );
+        assert!(!format!("{e:?}").contains("SECRET"));
+    }
+
+    #[test]
+    fn many_keys_duplicate_check() {
+        let mut body = String::from("m");
+        for i in 0..40 {
+            body.push_str(&format!(",t{i}=v"));
+        }
+        body.push_str(" f=1");
+        assert_eq!(parse_one(&body).tags.len(), 40);
+        let e = parse_err(&format!("{body},f=2").replace(" f=1,f=2", ",t7=x f=1"));
+        assert_eq!(
+            (e.reason.as_str(), e.column.as_deref()),
+            ("duplicate tag key", Some("t7"))
+        );
+        let fields: Vec<String> = (0..40).map(|i| format!("f{i}=1")).collect();
+        let line = format!("m {},f39=2", fields.join(","));
+        let e = parse_err(&line);
+        assert_eq!(
+            (e.reason.as_str(), e.column.as_deref()),
+            ("duplicate field key", Some("f39"))
+        );
+    }
+
+    #[test]
+    fn iterator_is_fused() {
+        let mut lines = parse_lines(b"m f=1");
+        assert!(lines.next().is_some());
+        assert!(lines.next().is_none());
+        assert!(lines.next().is_none());
+    }
+
+    // ---- property tests ----
+
+    fn escape_into(out: &mut String, name: &str, special: &[char]) {
+        for c in name.chars() {
+            if c == '\\' || special.contains(&c) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+
+    fn write_value(out: &mut String, value: &FieldValue<'_>, bool_spelling: usize) {
+        match value {
+            FieldValue::Float(v) => out.push_str(&format!("{v:?}")),
+            FieldValue::Integer(v) => out.push_str(&format!("{v}i")),
+            FieldValue::UInteger(v) => out.push_str(&format!("{v}u")),
+            FieldValue::Boolean(v) => {
+                let spellings = if *v {
+                    ["t", "T", "true", "True", "TRUE"]
+                } else {
+                    ["f", "F", "false", "False", "FALSE"]
+                };
+                out.push_str(spellings[bool_spelling % 5]);
+            }
+            FieldValue::String(s) => {
+                out.push('"');
+                for c in s.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            }
+        }
+    }
+
+    // Names use the characters that need escaping, quotes, `#` and non-ASCII, but no
+    // whitespace other than space and no newlines.
+    fn name() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9_ ,=\\\\\"#.é東-]{1,10}"
+    }
+
+    fn value() -> impl Strategy<Value = FieldValue<'static>> {
+        prop_oneof![
+            any::<f64>()
+                .prop_filter("finite", |v| v.is_finite())
+                .prop_map(FieldValue::Float),
+            any::<i64>().prop_map(FieldValue::Integer),
+            any::<u64>().prop_map(FieldValue::UInteger),
+            any::<bool>().prop_map(FieldValue::Boolean),
+            any::<String>().prop_map(|s| FieldValue::String(Cow::Owned(s))),
+            "[ ,=\"\\\\\n\ra-z]{0,8}".prop_map(|s| FieldValue::String(Cow::Owned(s))),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct GenLine {
+        measurement: String,
+        tags: Vec<(String, String)>,
+        fields: Vec<(String, FieldValue<'static>)>,
+        timestamp: Option<i64>,
+        spaces: usize,
+        bool_spelling: usize,
+        crlf: bool,
+        blank_lines_before: usize,
+        comment_before: bool,
+    }
+
+    fn gen_line() -> impl Strategy<Value = GenLine> {
+        (
+            name().prop_map(|m| {
+                if m.starts_with('#') {
+                    format!("m{m}")
+                } else {
+                    m
+                }
+            }),
+            prop::collection::btree_map(name(), name(), 0..5),
+            prop::collection::btree_map(name(), value(), 1..5),
+            prop::option::of(any::<i64>()),
+            (
+                1usize..3,
+                0usize..5,
+                any::<bool>(),
+                0usize..2,
+                any::<bool>(),
+            ),
+        )
+            .prop_map(
+                |(
+                    measurement,
+                    tags,
+                    fields,
+                    timestamp,
+                    (spaces, bool_spelling, crlf, blank_lines_before, comment_before),
+                )| GenLine {
+                    measurement,
+                    tags: tags.into_iter().filter(|(k, _)| k != "time").collect(),
+                    fields: fields.into_iter().filter(|(k, _)| k != "time").collect(),
+                    timestamp,
+                    spaces,
+                    bool_spelling,
+                    crlf,
+                    blank_lines_before,
+                    comment_before,
+                },
+            )
+            .prop_filter("at least one field", |l| !l.fields.is_empty())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..600)) {
+            check_invariants(&body);
+        }
+
+        #[test]
+        fn structural_bytes_never_panic(body in prop::collection::vec(prop::sample::select(b"ab1-.eiuEtf,= \"\\\n\r\t#".to_vec()), 0..200)) {
+            check_invariants(&body);
+        }
+
+        #[test]
+        fn valid_lines_round_trip(lines in prop::collection::vec(gen_line(), 1..6)) {
+            let mut body = String::new();
+            let mut expected = Vec::new();
+            let mut line_number = 1;
+            for l in &lines {
+                for _ in 0..l.blank_lines_before {
+                    body.push_str("  \n");
+                    line_number += 1;
+                }
+                if l.comment_before {
+                    body.push_str("# \"a comment\" x=\"\n");
+                    line_number += 1;
+                }
+                let start = body.len();
+                escape_into(&mut body, &l.measurement, &[',', ' ']);
+                for (k, v) in &l.tags {
+                    body.push(',');
+                    escape_into(&mut body, k, &[',', '=', ' ']);
+                    body.push('=');
+                    escape_into(&mut body, v, &[',', '=', ' ']);
+                }
+                body.push_str(&" ".repeat(l.spaces));
+                for (i, (k, v)) in l.fields.iter().enumerate() {
+                    if i > 0 {
+                        body.push(',');
+                    }
+                    escape_into(&mut body, k, &[',', '=', ' ']);
+                    body.push('=');
+                    write_value(&mut body, v, l.bool_spelling);
+                }
+                if let Some(ts) = l.timestamp {
+                    body.push_str(&" ".repeat(l.spaces));
+                    body.push_str(&ts.to_string());
+                }
+                body.push_str(if l.crlf { "\r\n" } else { "\n" });
+                expected.push(ParsedLine {
+                    line_number,
+                    measurement: Cow::Owned(l.measurement.clone()),
+                    tags: l.tags.iter().map(|(k, v)| (Cow::Owned(k.clone()), Cow::Owned(v.clone()))).collect(),
+                    fields: l.fields.iter().map(|(k, v)| (Cow::Owned(k.clone()), v.clone())).collect(),
+                    timestamp: l.timestamp,
+                });
+                line_number += body[start..].matches('\n').count();
+            }
+            let parsed: Vec<_> = parse_lines(body.as_bytes()).collect();
+            let parsed: Vec<ParsedLine<'_>> = parsed
+                .into_iter()
+                .map(|r| r.map_err(|e| TestCaseError::fail(format!("{e:?} in {body:?}"))))
+                .collect::<Result<_, _>>()?;
+            prop_assert_eq!(parsed, expected, "body: {:?}", body);
+        }
+    }
+
+    fn check_invariants(body: &[u8]) {
+        let newlines = body.iter().filter(|&&c| c == b'\n').count();
+        let mut last = 0;
+        for result in parse_lines(body) {
+            let line_number = match &result {
+                Ok(line) => {
+                    // Outside string values a parsed line never holds a newline.
+                    assert!(!line.measurement.contains('\n'));
+                    assert!(
+                        line.tags
+                            .iter()
+                            .all(|(k, v)| !k.contains('\n') && !v.contains('\n'))
+                    );
+                    assert!(line.fields.iter().all(|(k, _)| !k.contains('\n')));
+                    assert!(!line.fields.is_empty());
+                    if let Some(ts) = line.timestamp {
+                        let _ = Precision::Auto.to_nanos(ts);
+                    }
+                    line.line_number
+                }
+                Err(e) => e.line_number,
+            };
+            assert!(line_number > last && line_number <= newlines + 1);
+            last = line_number;
+        }
     }
 }

@@ -58,7 +58,8 @@ impl Layout {
 
     /// One manifest version of a table; zero-padded so that names sort by version.
     pub fn manifest_file(&self, db: &str, table: &str, version: u64) -> Path {
-        self.manifest_dir(db, table).join(format!("{version:020}.json"))
+        self.manifest_dir(db, table)
+            .join(format!("{version:020}.json"))
     }
 }
 
@@ -70,7 +71,9 @@ pub fn is_valid_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && !name.starts_with('_')
-        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control() || c == '*' || c == '?')
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_control() || c == '*' || c == '?')
 }
 
 #[cfg(test)]

@@ -210,7 +210,9 @@ impl ManifestStore {
             .await
             .map_err(Self::err("*", "*"))?;
         for db_prefix in dbs.common_prefixes {
-            let Some(db) = db_prefix.filename().map(decode) else { continue };
+            let Some(db) = db_prefix.filename().map(decode) else {
+                continue;
+            };
             let tables = self
                 .store
                 .list_with_delimiter(Some(&db_prefix.clone().join("manifest")))
@@ -228,7 +230,9 @@ impl ManifestStore {
     /// Commits `next` as version `next.version`, which must be one above the last committed.
     /// Fails with [`ManifestError::Conflict`] if that version exists already.
     pub async fn commit(&self, next: &Manifest) -> Result<(), ManifestError> {
-        let path = self.layout.manifest_file(&next.db, &next.table, next.version);
+        let path = self
+            .layout
+            .manifest_file(&next.db, &next.table, next.version);
         let body = serde_json::to_vec_pretty(next).map_err(|source| ManifestError::Corrupt {
             path: path.to_string(),
             source,
@@ -315,11 +319,20 @@ mod tests {
         // Committing an existing version is a conflict, and leaves the manifest intact.
         m.version = 12;
         m.persisted_seq.clear();
-        assert!(matches!(ms.commit(&m).await, Err(ManifestError::Conflict { .. })));
+        assert!(matches!(
+            ms.commit(&m).await,
+            Err(ManifestError::Conflict { .. })
+        ));
         assert_eq!(ms.load("db", "cpu").await.unwrap().unwrap(), loaded);
-        assert_eq!(ms.list_tables().await.unwrap(), vec![("db".into(), "cpu".into())]);
+        assert_eq!(
+            ms.list_tables().await.unwrap(),
+            vec![("db".into(), "cpu".into())]
+        );
         // Old versions are pruned.
-        assert_eq!(ms.versions("db", "cpu").await.unwrap().len() as u64, KEEP_OLD_VERSIONS + 1);
+        assert_eq!(
+            ms.versions("db", "cpu").await.unwrap().len() as u64,
+            KEEP_OLD_VERSIONS + 1
+        );
     }
 
     #[test]

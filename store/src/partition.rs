@@ -36,7 +36,11 @@ fn to_datetime(nanos: i64) -> DateTime<Utc> {
 
 fn from_datetime(dt: DateTime<Utc>) -> i64 {
     // Dates outside the i64 nanosecond range cannot come from i64 timestamps.
-    dt.timestamp_nanos_opt().unwrap_or(if dt.timestamp() < 0 { i64::MIN } else { i64::MAX })
+    dt.timestamp_nanos_opt().unwrap_or(if dt.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
 }
 
 impl PartitionGranularity {
@@ -45,11 +49,15 @@ impl PartitionGranularity {
         let dt = to_datetime(nanos);
         let (start, end) = match self {
             PartitionGranularity::Hour => {
-                let start = nanos.div_euclid(3600 * NANOS_PER_SEC).saturating_mul(3600 * NANOS_PER_SEC);
+                let start = nanos
+                    .div_euclid(3600 * NANOS_PER_SEC)
+                    .saturating_mul(3600 * NANOS_PER_SEC);
                 (start, start.saturating_add(3600 * NANOS_PER_SEC))
             }
             PartitionGranularity::Day => {
-                let start = nanos.div_euclid(86_400 * NANOS_PER_SEC).saturating_mul(86_400 * NANOS_PER_SEC);
+                let start = nanos
+                    .div_euclid(86_400 * NANOS_PER_SEC)
+                    .saturating_mul(86_400 * NANOS_PER_SEC);
                 (start, start.saturating_add(86_400 * NANOS_PER_SEC))
             }
             PartitionGranularity::Month => {
@@ -81,12 +89,14 @@ impl PartitionGranularity {
         let nanos = match self {
             PartitionGranularity::Hour => {
                 let (date, hour) = dir.split_once("/hour=")?;
-                let date = NaiveDate::parse_from_str(date.strip_prefix("date=")?, "%Y-%m-%d").ok()?;
+                let date =
+                    NaiveDate::parse_from_str(date.strip_prefix("date=")?, "%Y-%m-%d").ok()?;
                 let hour: u32 = hour.parse().ok()?;
                 from_datetime(date.and_hms_opt(hour, 0, 0)?.and_utc())
             }
             PartitionGranularity::Day => {
-                let date = NaiveDate::parse_from_str(dir.strip_prefix("date=")?, "%Y-%m-%d").ok()?;
+                let date =
+                    NaiveDate::parse_from_str(dir.strip_prefix("date=")?, "%Y-%m-%d").ok()?;
                 from_datetime(date.and_hms_opt(0, 0, 0)?.and_utc())
             }
             PartitionGranularity::Month => {

@@ -168,7 +168,13 @@ impl TableSchema {
         let mut fields: Vec<Field> = self
             .columns
             .iter()
-            .map(|c| Field::new(&c.name, c.column_type.data_type(), c.column_type != ColumnType::Time))
+            .map(|c| {
+                Field::new(
+                    &c.name,
+                    c.column_type.data_type(),
+                    c.column_type != ColumnType::Time,
+                )
+            })
             .collect();
         fields.push(Field::new(SEQ_COLUMN, DataType::UInt64, false));
         Arc::new(Schema::new(fields))

@@ -1,0 +1,284 @@
+//! The configuration file (`historian.toml`) and its defaults.
+//!
+//! With no file, Historian runs on the embedded default: a lake in `<data-dir>/lake`, the
+//! WAL in `<data-dir>/wal`, HTTP on 127.0.0.1:8181.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ingest::{IngestConfig, Limits, PersistConfig};
+use serde::{Deserialize, Serialize};
+use store::{S3Options, TableOptions};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Network and data directory.
+    pub server: ServerConfig,
+    /// Where the lake lives.
+    pub storage: StorageConfig,
+    /// The write API and write buffer.
+    pub write: WriteConfig,
+    /// The write-ahead log.
+    pub wal: WalSection,
+    /// Flushing and compaction.
+    pub persist: PersistSection,
+    /// Catalog limits.
+    pub limits: Limits,
+    /// Per-table settings, keyed by table name.
+    pub tables: HashMap<String, TableOptions>,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTP listen address.
+    pub http_bind: String,
+    /// Data directory (WAL, and the lake by default).
+    pub data_dir: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            http_bind: "127.0.0.1:8181".into(),
+            data_dir: PathBuf::from("./historian-data"),
+        }
+    }
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `file:///abs/path` or `s3://bucket/prefix`; default `file://<data_dir>/lake`.
+    pub lake: Option<String>,
+    /// S3 settings for `s3://` lakes.
+    pub s3: S3Options,
+}
+
+/// `[write]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriteConfig {
+    /// Largest request body, before and after gzip decoding (413 past it).
+    pub max_body_bytes: usize,
+    /// Write buffer memory limit (503 with Retry-After past it).
+    pub buffer_limit_bytes: usize,
+    /// Seconds a throttled client is told to wait.
+    pub retry_after_secs: u64,
+}
+
+impl Default for WriteConfig {
+    fn default() -> Self {
+        WriteConfig {
+            max_body_bytes: 64 << 20,
+            buffer_limit_bytes: 1 << 30,
+            retry_after_secs: 1,
+        }
+    }
+}
+
+/// `[wal]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSection {
+    /// WAL directory; default `<data_dir>/wal`. Always local disk.
+    pub dir: Option<PathBuf>,
+    /// Segment size in bytes.
+    pub segment_bytes: u64,
+    /// How often `no_sync` writes are fsynced at the latest.
+    #[serde(with = "humantime_serde")]
+    pub no_sync_interval: Duration,
+}
+
+impl Default for WalSection {
+    fn default() -> Self {
+        WalSection {
+            dir: None,
+            segment_bytes: 64 << 20,
+            no_sync_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// `[persist]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistSection {
+    /// Flush a partition past this many buffered bytes.
+    pub flush_bytes: usize,
+    /// Flush a partition once its oldest row waited this long.
+    #[serde(with = "humantime_serde")]
+    pub flush_age: Duration,
+    /// How often the persister looks for work.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Files at least this large are not compacted further.
+    pub target_file_bytes: u64,
+    /// Compact an active partition past this many files.
+    pub max_files_per_partition: usize,
+    /// Memory bound of one compaction, in Parquet bytes read.
+    pub compaction_max_input_bytes: u64,
+    /// Delay before replaced files are deleted (longer than the query time limit).
+    #[serde(with = "humantime_serde")]
+    pub deletion_grace: Duration,
+    /// A partition not flushed to for this long is compacted down to one file.
+    #[serde(with = "humantime_serde")]
+    pub closed_after: Duration,
+}
+
+impl Default for PersistSection {
+    fn default() -> Self {
+        let p = PersistConfig::default();
+        PersistSection {
+            flush_bytes: p.flush_bytes,
+            flush_age: p.flush_age,
+            interval: Duration::from_secs(1),
+            target_file_bytes: p.target_file_bytes,
+            max_files_per_partition: p.max_files_per_partition,
+            compaction_max_input_bytes: p.compaction_max_input_bytes,
+            deletion_grace: p.deletion_grace,
+            closed_after: p.closed_after,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `historian=debug,info`; RUST_LOG wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Cause (with line and column).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.write.max_body_bytes == 0 {
+            return bad("write.max_body_bytes must be positive");
+        }
+        if self.persist.max_files_per_partition == 0 {
+            return bad("persist.max_files_per_partition must be positive");
+        }
+        if self.persist.interval.is_zero() {
+            return bad("persist.interval must be positive");
+        }
+        if self.wal.segment_bytes < 1024 {
+            return bad("wal.segment_bytes must be at least 1024");
+        }
+        Ok(())
+    }
+
+    /// The lake URL, defaulting to `<data_dir>/lake`.
+    pub fn lake_url(&self) -> Result<String, ConfigError> {
+        if let Some(url) = &self.storage.lake {
+            return Ok(url.clone());
+        }
+        let dir = absolute(&self.server.data_dir)?.join("lake");
+        Ok(format!("file://{}", dir.display()))
+    }
+
+    /// The write path's settings.
+    pub fn ingest_config(&self) -> Result<IngestConfig, ConfigError> {
+        let data_dir = absolute(&self.server.data_dir)?;
+        Ok(IngestConfig {
+            wal_dir: self.wal.dir.clone().unwrap_or_else(|| data_dir.join("wal")),
+            wal_segment_bytes: self.wal.segment_bytes,
+            no_sync_interval: self.wal.no_sync_interval,
+            buffer_limit_bytes: self.write.buffer_limit_bytes,
+            persist: PersistConfig {
+                flush_bytes: self.persist.flush_bytes,
+                flush_age: self.persist.flush_age,
+                target_file_bytes: self.persist.target_file_bytes,
+                max_files_per_partition: self.persist.max_files_per_partition,
+                compaction_max_input_bytes: self.persist.compaction_max_input_bytes,
+                deletion_grace: self.persist.deletion_grace,
+                closed_after: self.persist.closed_after,
+                ..PersistConfig::default()
+            },
+            persist_interval: self.persist.interval,
+            limits: self.limits.clone(),
+            tables: self.tables.clone(),
+        })
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(p)
+        .map_err(|e| ConfigError::Invalid(format!("data_dir {}: {e}", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_annotated_example_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/historian.toml");
+        let c = Config::load(&path).unwrap();
+        c.validate().unwrap();
+        assert!(c.tables.contains_key("mes_event"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_place() {
+        let err = toml::from_str::<Config>("[write]\nmax_body = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_body"), "{err}");
+    }
+}

@@ -1,0 +1,295 @@
+//! The HTTP API: InfluxDB-compatible write endpoints, health and metrics.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ingest::line_protocol::{LineError, Precision};
+use ingest::{Ingester, WriteError, WriteRequest};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// The write path.
+    pub ingester: Arc<Ingester>,
+    /// Metrics to export.
+    pub registry: Registry,
+    /// Body limit, before and after decompression.
+    pub max_body_bytes: usize,
+    /// Retry-After seconds for throttled writes.
+    pub retry_after_secs: u64,
+}
+
+/// The router of every endpoint.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/v3/write_lp", post(write_v3))
+        .route("/api/v2/write", post(write_v2))
+        .route("/write", post(write_v1))
+        .route("/health", get(health))
+        .route("/ping", get(ping).head(ping))
+        .route("/metrics", get(metrics))
+        // The body limit is enforced by hand so the answer is a JSON 413.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// An error answer in the InfluxDB 3 shape (`error`, `data`), with v2's `code`/`message`.
+fn error_response(status: StatusCode, message: &str, extra: serde_json::Value) -> Response {
+    let mut body = json!({
+        "error": message,
+        "message": message,
+        "code": match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "request too large",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            StatusCode::INTERNAL_SERVER_ERROR => "internal error",
+            _ => "invalid",
+        },
+    });
+    if let (Some(obj), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+fn line_errors_json(errors: &[LineError]) -> serde_json::Value {
+    errors
+        .iter()
+        .map(|e| {
+            json!({
+                "line_number": e.line_number,
+                "error_message": e.reason,
+                "measurement": e.measurement,
+                "column": e.column,
+            })
+        })
+        .collect()
+}
+
+/// Which API flavour a write came through: they differ in parameter names and defaults.
+#[derive(Clone, Copy, PartialEq)]
+enum Flavour {
+    V3,
+    V2,
+    V1,
+}
+
+async fn write_v3(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    write(s, q, headers, body, Flavour::V3).await
+}
+
+async fn write_v2(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    write(s, q, headers, body, Flavour::V2).await
+}
+
+async fn write_v1(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    write(s, q, headers, body, Flavour::V1).await
+}
+
+fn parse_bool(q: &HashMap<String, String>, key: &str, default: bool) -> Result<bool, Response> {
+    match q.get(key).map(|s| s.to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if v == "true" || v == "1" => Ok(true),
+        Some(v) if v == "false" || v == "0" => Ok(false),
+        Some(_) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("query parameter {key} must be true or false"),
+            json!({}),
+        )),
+    }
+}
+
+/// Reads the body, enforcing the limit, and gunzips it if needed (limit again after).
+async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "request body exceeds the limit of {} bytes",
+                s.max_body_bytes
+            ),
+            json!({}),
+        )
+    };
+    let raw = axum::body::to_bytes(body, s.max_body_bytes)
+        .await
+        .map_err(|_| too_large())?;
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match gzip.as_deref() {
+        None | Some("") | Some("identity") => Ok(raw),
+        Some("gzip") | Some("x-gzip") => {
+            let mut out = Vec::with_capacity(raw.len() * 4);
+            let limit = s.max_body_bytes as u64;
+            let mut decoder = flate2::read::MultiGzDecoder::new(&raw[..]).take(limit + 1);
+            decoder.read_to_end(&mut out).map_err(|e| {
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid gzip body: {e}"),
+                    json!({}),
+                )
+            })?;
+            if out.len() as u64 > limit {
+                return Err(too_large());
+            }
+            Ok(Bytes::from(out))
+        }
+        Some(other) => Err(error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("unsupported Content-Encoding {other:?}; use gzip or none"),
+            json!({}),
+        )),
+    }
+}
+
+async fn write(
+    s: Arc<AppState>,
+    q: HashMap<String, String>,
+    headers: HeaderMap,
+    body: Body,
+    flavour: Flavour,
+) -> Response {
+    let db_key = if flavour == Flavour::V2 {
+        "bucket"
+    } else {
+        "db"
+    };
+    let Some(db) = q.get(db_key).filter(|d| !d.is_empty()) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("missing query parameter {db_key}"),
+            json!({}),
+        );
+    };
+    // A v2 bucket may carry a retention policy ("db/rp"); the database is the first part.
+    let db = db.split('/').next().unwrap_or(db).to_string();
+    let default_precision = if flavour == Flavour::V3 { "auto" } else { "ns" };
+    let precision_text = q
+        .get("precision")
+        .map(String::as_str)
+        .unwrap_or(default_precision);
+    let precision = match Precision::parse(precision_text) {
+        Some(Precision::Auto) if flavour != Flavour::V3 => None,
+        p => p,
+    };
+    let Some(precision) = precision else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("unsupported precision {precision_text:?}; use ns, us, ms or s"),
+            json!({}),
+        );
+    };
+    let accept_partial = match parse_bool(&q, "accept_partial", true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let no_sync = match parse_bool(&q, "no_sync", false) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let body = match read_body(&s, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req = WriteRequest {
+        db: &db,
+        body: &body,
+        precision,
+        accept_partial,
+        no_sync,
+    };
+    match s.ingester.write(req).await {
+        Ok(outcome) if outcome.rejected.is_empty() => StatusCode::NO_CONTENT.into_response(),
+        Ok(outcome) => {
+            let msg = if outcome.lines_written == 0 {
+                "no lines were written: every line was rejected"
+            } else {
+                "partial write of line protocol occurred"
+            };
+            error_response(
+                StatusCode::BAD_REQUEST,
+                msg,
+                json!({
+                    "lines_written": outcome.lines_written,
+                    "lines_rejected": outcome.rejected.len(),
+                    "data": line_errors_json(&outcome.rejected),
+                }),
+            )
+        }
+        Err(WriteError::Rejected(errors)) => error_response(
+            StatusCode::BAD_REQUEST,
+            "write rejected: some lines are invalid and accept_partial=false, so nothing was written",
+            json!({
+                "lines_written": 0,
+                "lines_rejected": errors.len(),
+                "data": line_errors_json(&errors),
+            }),
+        ),
+        Err(e @ WriteError::BufferFull { .. }) => {
+            let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), json!({}));
+            if let Ok(v) = HeaderValue::from_str(&s.retry_after_secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+        Err(e @ WriteError::Catalog(_)) => {
+            error_response(StatusCode::BAD_REQUEST, &e.to_string(), json!({}))
+        }
+        Err(e @ WriteError::Wal(_)) => {
+            tracing::error!(error = %e, "write failed in the WAL");
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), json!({}))
+        }
+    }
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "pass", "version": env!("CARGO_PKG_VERSION")})).into_response()
+}
+
+async fn ping() -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    r.headers_mut()
+        .insert("X-Influxdb-Version", HeaderValue::from_static("historian"));
+    r
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
+        return error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), json!({}));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,628 @@
+//! The catalog of databases and tables: schemas, limits and series counts, and the
+//! validation of parsed lines against them into Arrow batches ready for the WAL.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, StringDictionaryBuilder,
+    TimestampNanosecondBuilder, UInt64Builder,
+};
+use arrow::datatypes::{Field, Int32Type, Schema};
+use arrow::record_batch::RecordBatch;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use store::layout::is_valid_name;
+use store::{ColumnType, PartitionKey, TIME_COLUMN, TableOptions, TableSchema};
+
+use crate::line_protocol::{FieldValue, LineError, ParsedLine, Precision};
+
+/// Limits that keep one misconfigured collector from flooding the catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Tables per database.
+    pub max_tables_per_db: usize,
+    /// Columns per table, `time` included.
+    pub max_columns_per_table: usize,
+    /// Distinct series (tag sets) per table.
+    pub max_series_per_table: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_tables_per_db: 1_000,
+            max_columns_per_table: 500,
+            max_series_per_table: 1_000_000,
+        }
+    }
+}
+
+/// The state of one table that writes validate against.
+#[derive(Debug)]
+pub struct TableCatalog {
+    /// Database name.
+    pub db: String,
+    /// Table name.
+    pub name: String,
+    /// Settings from the configuration.
+    pub options: TableOptions,
+    state: Mutex<TableState>,
+}
+
+#[derive(Debug)]
+struct TableState {
+    schema: TableSchema,
+    series: HashSet<u64>,
+}
+
+impl TableCatalog {
+    /// The current schema.
+    pub fn schema(&self) -> TableSchema {
+        self.state.lock().schema.clone()
+    }
+
+    /// Number of distinct series seen since start (from WAL replay and new writes).
+    pub fn series_count(&self) -> usize {
+        self.state.lock().series.len()
+    }
+
+    /// Adds the columns of a stored schema, bypassing limits (they were accepted once).
+    pub fn merge_schema(&self, schema: &TableSchema) {
+        self.state.lock().schema.merge(schema);
+    }
+}
+
+#[derive(Debug, Default)]
+struct DbCatalog {
+    tables: RwLock<HashMap<String, Arc<TableCatalog>>>,
+}
+
+/// All databases and tables.
+#[derive(Debug)]
+pub struct Catalog {
+    dbs: RwLock<HashMap<String, Arc<DbCatalog>>>,
+    limits: Limits,
+    table_options: HashMap<String, TableOptions>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// Rows of one table and partition from one write, as an Arrow batch without `_seq`.
+#[derive(Debug, Clone)]
+pub struct TableWrite {
+    /// Database.
+    pub db: String,
+    /// Table.
+    pub table: String,
+    /// The partition all rows fall in.
+    pub partition: PartitionKey,
+    /// The rows: a subset of the table's columns in schema order, `time` included.
+    pub batch: RecordBatch,
+}
+
+/// The result of validating a request body.
+#[derive(Debug, Default)]
+pub struct ValidatedWrite {
+    /// The accepted rows, grouped by table and partition.
+    pub writes: Vec<TableWrite>,
+    /// Lines accepted.
+    pub lines_accepted: usize,
+    /// Rejected lines with reasons.
+    pub rejected: Vec<LineError>,
+}
+
+impl ValidatedWrite {
+    /// Total rows across all writes.
+    pub fn rows(&self) -> usize {
+        self.writes.iter().map(|w| w.batch.num_rows()).sum()
+    }
+}
+
+/// Why a write as a whole cannot be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The database name cannot be used.
+    #[error("invalid database name {0:?}")]
+    InvalidDatabase(String),
+}
+
+impl Catalog {
+    /// An empty catalog with limits and per-table settings (keyed by table name).
+    pub fn new(limits: Limits, table_options: HashMap<String, TableOptions>) -> Self {
+        Catalog {
+            dbs: RwLock::new(HashMap::new()),
+            limits,
+            table_options,
+            hasher: Default::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The settings of a table.
+    pub fn options_for(&self, table: &str) -> TableOptions {
+        self.table_options.get(table).cloned().unwrap_or_default()
+    }
+
+    fn db(&self, db: &str) -> Arc<DbCatalog> {
+        if let Some(d) = self.dbs.read().get(db) {
+            return d.clone();
+        }
+        self.dbs.write().entry(db.to_string()).or_default().clone()
+    }
+
+    /// A table, if it exists.
+    pub fn table(&self, db: &str, table: &str) -> Option<Arc<TableCatalog>> {
+        self.dbs.read().get(db)?.tables.read().get(table).cloned()
+    }
+
+    /// All tables, sorted by database and name.
+    pub fn tables(&self) -> Vec<Arc<TableCatalog>> {
+        let mut out: Vec<_> = self
+            .dbs
+            .read()
+            .values()
+            .flat_map(|d| d.tables.read().values().cloned().collect::<Vec<_>>())
+            .collect();
+        out.sort_by(|a, b| (&a.db, &a.name).cmp(&(&b.db, &b.name)));
+        out
+    }
+
+    /// Gets or creates a table. `enforce_limit` is false when restoring what was accepted once.
+    fn table_or_create(
+        &self,
+        db: &str,
+        table: &str,
+        enforce_limit: bool,
+    ) -> Result<Arc<TableCatalog>, String> {
+        let dbc = self.db(db);
+        if let Some(t) = dbc.tables.read().get(table) {
+            return Ok(t.clone());
+        }
+        if !is_valid_name(table) {
+            return Err("invalid table name".to_string());
+        }
+        let mut tables = dbc.tables.write();
+        if let Some(t) = tables.get(table) {
+            return Ok(t.clone());
+        }
+        if enforce_limit && tables.len() >= self.limits.max_tables_per_db {
+            return Err(format!(
+                "database has reached its limit of {} tables",
+                self.limits.max_tables_per_db
+            ));
+        }
+        let t = Arc::new(TableCatalog {
+            db: db.to_string(),
+            name: table.to_string(),
+            options: self.options_for(table),
+            state: Mutex::new(TableState {
+                schema: TableSchema::new(),
+                series: HashSet::new(),
+            }),
+        });
+        tables.insert(table.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// Restores a table from a stored schema (manifest or WAL), bypassing limits.
+    pub fn restore_table(&self, db: &str, table: &str, schema: &TableSchema) -> Arc<TableCatalog> {
+        let t = match self.table_or_create(db, table, false) {
+            Ok(t) => t,
+            Err(_) => {
+                // Names in stored data were valid when written; a name refused now still
+                // has to be restored so that no acknowledged row is lost.
+                let dbc = self.db(db);
+                let mut tables = dbc.tables.write();
+                tables
+                    .entry(table.to_string())
+                    .or_insert_with(|| {
+                        Arc::new(TableCatalog {
+                            db: db.to_string(),
+                            name: table.to_string(),
+                            options: self.options_for(table),
+                            state: Mutex::new(TableState {
+                                schema: TableSchema::new(),
+                                series: HashSet::new(),
+                            }),
+                        })
+                    })
+                    .clone()
+            }
+        };
+        t.merge_schema(schema);
+        t
+    }
+
+    /// Counts the series of replayed rows so that limits hold across restarts.
+    pub fn note_series(&self, table: &TableCatalog, batch: &RecordBatch) {
+        let tag_cols: Vec<&ArrayRef> = batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .filter(|(f, _)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
+            .map(|(_, c)| c)
+            .collect();
+        let mut state = table.state.lock();
+        let converted: Vec<_> = tag_cols
+            .iter()
+            .filter_map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok())
+            .collect();
+        for row in 0..batch.num_rows() {
+            let mut h = self.hasher.build_hasher();
+            for (name, col) in batch
+                .schema()
+                .fields()
+                .iter()
+                .filter(|f| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
+                .zip(&converted)
+            {
+                let col = col.as_any().downcast_ref::<arrow::array::StringArray>();
+                if let Some(col) = col {
+                    if arrow::array::Array::is_valid(col, row) {
+                        h.write(name.name().as_bytes());
+                        h.write_u8(0xff);
+                        h.write(col.value(row).as_bytes());
+                        h.write_u8(0xfe);
+                    }
+                }
+            }
+            state.series.insert(h.finish());
+        }
+    }
+
+    /// Validates parsed lines against the catalog (creating tables and columns as needed)
+    /// and builds Arrow batches per table and partition. Lines that fail are reported and
+    /// left out; the rest are all-or-nothing per line.
+    pub fn validate<'a>(
+        &self,
+        db: &str,
+        lines: impl IntoIterator<Item = Result<ParsedLine<'a>, LineError>>,
+        precision: Precision,
+        now_ns: i64,
+    ) -> Result<ValidatedWrite, CatalogError> {
+        if !is_valid_name(db) {
+            return Err(CatalogError::InvalidDatabase(db.to_string()));
+        }
+        let mut out = ValidatedWrite::default();
+        // Group lines by table first so each table is locked once per request.
+        let mut by_table: Vec<(String, Vec<ParsedLine<'a>>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for line in lines {
+            match line {
+                Ok(l) => {
+                    let i = match index.get(l.measurement.as_ref()) {
+                        Some(i) => *i,
+                        None => {
+                            by_table.push((l.measurement.to_string(), Vec::new()));
+                            index.insert(l.measurement.to_string(), by_table.len() - 1);
+                            by_table.len() - 1
+                        }
+                    };
+                    by_table[i].1.push(l);
+                }
+                Err(e) => out.rejected.push(e),
+            }
+        }
+        for (table_name, lines) in by_table {
+            let table = match self.table_or_create(db, &table_name, true) {
+                Ok(t) => t,
+                Err(reason) => {
+                    for l in &lines {
+                        out.rejected.push(LineError {
+                            line_number: l.line_number,
+                            reason: reason.clone(),
+                            measurement: Some(table_name.clone()),
+                            column: None,
+                        });
+                    }
+                    continue;
+                }
+            };
+            self.validate_table(&table, lines, precision, now_ns, &mut out);
+        }
+        out.rejected.sort_by_key(|e| e.line_number);
+        Ok(out)
+    }
+
+    fn validate_table(
+        &self,
+        table: &TableCatalog,
+        lines: Vec<ParsedLine<'_>>,
+        precision: Precision,
+        now_ns: i64,
+        out: &mut ValidatedWrite,
+    ) {
+        let horizon = table.options.horizon(now_ns);
+        let granularity = table.options.partition;
+        let mut state = table.state.lock();
+        let mut builders: Vec<(PartitionKey, BatchBuilder)> = Vec::new();
+        for line in lines {
+            let reject = |reason: String, column: Option<&str>| LineError {
+                line_number: line.line_number,
+                reason,
+                measurement: Some(table.name.clone()),
+                column: column.map(str::to_string),
+            };
+            let time = match line.timestamp {
+                None => now_ns,
+                Some(raw) => match precision.to_nanos(raw) {
+                    Some(t) => t,
+                    None => {
+                        out.rejected.push(reject(
+                            "timestamp out of range for nanosecond precision".into(),
+                            None,
+                        ));
+                        continue;
+                    }
+                },
+            };
+            if time < horizon {
+                out.rejected.push(reject(
+                    "timestamp is older than the table's retention (ttl)".into(),
+                    None,
+                ));
+                continue;
+            }
+            // Check every column before changing anything, so a line is all or nothing.
+            let mut new_columns: Vec<(&str, ColumnType)> = Vec::new();
+            let mut error = None;
+            let columns = line
+                .tags
+                .iter()
+                .map(|(k, _)| (k.as_ref(), ColumnType::Tag))
+                .chain(line.fields.iter().map(|(k, v)| (k.as_ref(), field_type(v))));
+            for (name, ty) in columns {
+                if name == TIME_COLUMN || name == store::SEQ_COLUMN {
+                    error = Some(reject(
+                        format!("column name {name:?} is reserved"),
+                        Some(name),
+                    ));
+                    break;
+                }
+                match state.schema.column_type(name) {
+                    Some(existing) if existing == ty => {}
+                    Some(existing) => {
+                        error = Some(reject(
+                            format!(
+                                "{} value conflicts with the column's type {}",
+                                ty.name(),
+                                existing.name()
+                            ),
+                            Some(name),
+                        ));
+                        break;
+                    }
+                    None => match new_columns.iter().find(|(n, _)| *n == name) {
+                        Some((_, t)) if *t != ty => {
+                            error = Some(reject(
+                                "column is used as both a tag and a field".to_string(),
+                                Some(name),
+                            ));
+                            break;
+                        }
+                        Some(_) => {}
+                        None => new_columns.push((name, ty)),
+                    },
+                }
+            }
+            if error.is_none()
+                && !new_columns.is_empty()
+                && state.schema.len() + new_columns.len() > self.limits.max_columns_per_table
+            {
+                error = Some(reject(
+                    format!(
+                        "table has reached its limit of {} columns",
+                        self.limits.max_columns_per_table
+                    ),
+                    new_columns.first().map(|(n, _)| *n),
+                ));
+            }
+            let series = self.series_hash(&line);
+            if error.is_none()
+                && !state.series.contains(&series)
+                && state.series.len() >= self.limits.max_series_per_table
+            {
+                error = Some(reject(
+                    format!(
+                        "table has reached its limit of {} series",
+                        self.limits.max_series_per_table
+                    ),
+                    None,
+                ));
+            }
+            if let Some(e) = error {
+                out.rejected.push(e);
+                continue;
+            }
+            for (name, ty) in new_columns {
+                state.schema.add_column(name, ty);
+            }
+            state.series.insert(series);
+            let partition = granularity.partition_of(time);
+            let builder = match builders.iter_mut().position(|(p, _)| *p == partition) {
+                Some(i) => &mut builders[i].1,
+                None => {
+                    builders.push((partition, BatchBuilder::default()));
+                    &mut builders.last_mut().expect("just pushed").1
+                }
+            };
+            builder.append(&line, time);
+            out.lines_accepted += 1;
+        }
+        let schema = state.schema.clone();
+        drop(state);
+        for (partition, builder) in builders {
+            out.writes.push(TableWrite {
+                db: table.db.clone(),
+                table: table.name.clone(),
+                partition,
+                batch: builder.finish(&schema),
+            });
+        }
+    }
+
+    fn series_hash(&self, line: &ParsedLine<'_>) -> u64 {
+        // Tag order in a line is arbitrary; the series is the set.
+        let mut tags: Vec<(&str, &str)> = line
+            .tags
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+            .collect();
+        tags.sort_unstable();
+        let mut h = self.hasher.build_hasher();
+        for (k, v) in tags {
+            h.write(k.as_bytes());
+            h.write_u8(0xff);
+            h.write(v.as_bytes());
+            h.write_u8(0xfe);
+        }
+        h.finish()
+    }
+}
+
+fn field_type(v: &FieldValue<'_>) -> ColumnType {
+    match v {
+        FieldValue::Float(_) => ColumnType::Float,
+        FieldValue::Integer(_) => ColumnType::Integer,
+        FieldValue::UInteger(_) => ColumnType::UInteger,
+        FieldValue::String(_) => ColumnType::String,
+        FieldValue::Boolean(_) => ColumnType::Boolean,
+    }
+}
+
+enum ColumnBuilder {
+    Tag(StringDictionaryBuilder<Int32Type>),
+    Float(Float64Builder),
+    Integer(Int64Builder),
+    UInteger(UInt64Builder),
+    String(StringBuilder),
+    Boolean(BooleanBuilder),
+}
+
+impl ColumnBuilder {
+    fn new(ty: ColumnType) -> Self {
+        match ty {
+            ColumnType::Tag | ColumnType::Time => {
+                ColumnBuilder::Tag(StringDictionaryBuilder::new())
+            }
+            ColumnType::Float => ColumnBuilder::Float(Float64Builder::new()),
+            ColumnType::Integer => ColumnBuilder::Integer(Int64Builder::new()),
+            ColumnType::UInteger => ColumnBuilder::UInteger(UInt64Builder::new()),
+            ColumnType::String => ColumnBuilder::String(StringBuilder::new()),
+            ColumnType::Boolean => ColumnBuilder::Boolean(BooleanBuilder::new()),
+        }
+    }
+
+    fn append_nulls(&mut self, n: usize) {
+        match self {
+            ColumnBuilder::Tag(b) => b.append_nulls(n),
+            ColumnBuilder::Float(b) => b.append_nulls(n),
+            ColumnBuilder::Integer(b) => b.append_nulls(n),
+            ColumnBuilder::UInteger(b) => b.append_nulls(n),
+            ColumnBuilder::String(b) => b.append_nulls(n),
+            ColumnBuilder::Boolean(b) => b.append_nulls(n),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            ColumnBuilder::Tag(b) => Arc::new(b.finish()),
+            ColumnBuilder::Float(b) => Arc::new(b.finish()),
+            ColumnBuilder::Integer(b) => Arc::new(b.finish()),
+            ColumnBuilder::UInteger(b) => Arc::new(b.finish()),
+            ColumnBuilder::String(b) => Arc::new(b.finish()),
+            ColumnBuilder::Boolean(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+/// Builds the batch of one table and partition from lines, column by column.
+#[derive(Default)]
+struct BatchBuilder {
+    rows: usize,
+    time: TimestampNanosecondBuilder,
+    /// Column name -> (builder, rows appended so far).
+    columns: HashMap<String, (ColumnBuilder, usize)>,
+}
+
+impl BatchBuilder {
+    fn column(&mut self, name: &str, ty: ColumnType) -> &mut (ColumnBuilder, usize) {
+        if !self.columns.contains_key(name) {
+            let mut b = ColumnBuilder::new(ty);
+            b.append_nulls(self.rows);
+            self.columns.insert(name.to_string(), (b, self.rows));
+        }
+        self.columns.get_mut(name).expect("inserted above")
+    }
+
+    fn append(&mut self, line: &ParsedLine<'_>, time: i64) {
+        for (k, v) in &line.tags {
+            let (b, n) = self.column(k, ColumnType::Tag);
+            if let ColumnBuilder::Tag(b) = b {
+                b.append_value(v.as_ref());
+                *n += 1;
+            }
+        }
+        for (k, v) in &line.fields {
+            let (b, n) = self.column(k, field_type(v));
+            let appended = match (b, v) {
+                (ColumnBuilder::Float(b), FieldValue::Float(x)) => {
+                    b.append_value(*x);
+                    true
+                }
+                (ColumnBuilder::Integer(b), FieldValue::Integer(x)) => {
+                    b.append_value(*x);
+                    true
+                }
+                (ColumnBuilder::UInteger(b), FieldValue::UInteger(x)) => {
+                    b.append_value(*x);
+                    true
+                }
+                (ColumnBuilder::String(b), FieldValue::String(x)) => {
+                    b.append_value(x.as_ref());
+                    true
+                }
+                (ColumnBuilder::Boolean(b), FieldValue::Boolean(x)) => {
+                    b.append_value(*x);
+                    true
+                }
+                _ => false,
+            };
+            if appended {
+                *n += 1;
+            }
+        }
+        self.time.append_value(time);
+        self.rows += 1;
+        for (b, n) in self.columns.values_mut() {
+            if *n < self.rows {
+                b.append_nulls(self.rows - *n);
+                *n = self.rows;
+            }
+        }
+    }
+
+    /// Finishes into a batch whose columns follow the table schema's order.
+    fn finish(mut self, schema: &TableSchema) -> RecordBatch {
+        let mut fields = Vec::with_capacity(self.columns.len() + 1);
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.columns.len() + 1);
+        for c in &schema.columns {
+            if c.column_type == ColumnType::Time {
+                fields.push(Field::new(TIME_COLUMN, ColumnType::Time.data_type(), false));
+                arrays.push(Arc::new(self.time.finish()));
+            } else if let Some((b, _)) = self.columns.get_mut(&c.name) {
+                fields.push(Field::new(&c.name, c.column_type.data_type(), true));
+                arrays.push(b.finish());
+            }
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+            .expect("columns are built to the same length and their declared types")
+    }
+}

@@ -1,0 +1,269 @@
+//! Sorting rows by series then time, and last-write-wins deduplication.
+//!
+//! Rows of the same series (all tags equal) at the same time are one point; each field
+//! takes its value from the latest write (highest `_seq`) that set it, as in InfluxDB.
+
+use arrow::array::{Array, ArrayRef, UInt32Array, new_null_array};
+use arrow::compute::{SortColumn, SortOptions, concat_batches, lexsort_to_indices, take};
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use store::{ColumnType, SEQ_COLUMN, TIME_COLUMN};
+
+/// Reshapes a batch to `target`: columns by name, missing ones all NULL.
+pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    let columns: Vec<ArrayRef> = target
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => arrow::compute::cast(c, f.data_type()),
+            None => Ok(new_null_array(f.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<_, _>>()?;
+    RecordBatch::try_new(target.clone(), columns)
+}
+
+/// Aligns batches to `target` and concatenates them.
+pub fn concat_aligned(
+    batches: &[RecordBatch],
+    target: &SchemaRef,
+) -> Result<RecordBatch, ArrowError> {
+    let aligned: Vec<RecordBatch> = batches
+        .iter()
+        .map(|b| align(b, target))
+        .collect::<Result<_, _>>()?;
+    concat_batches(target, &aligned)
+}
+
+fn is_key(field: &arrow::datatypes::Field) -> bool {
+    field.name() == TIME_COLUMN
+        || ColumnType::from_data_type(field.data_type()) == Some(ColumnType::Tag)
+}
+
+/// Sorts by tags (schema order), time and `_seq`, then merges rows of the same series and
+/// time, field by field, keeping the value of the latest write. The batch must have `time`
+/// and `_seq` columns.
+pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    if batch.num_rows() <= 1 {
+        return Ok(batch.clone());
+    }
+    let key_idx: Vec<usize> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| is_key(f) && f.name() != TIME_COLUMN)
+        .map(|(i, _)| i)
+        .chain(schema.index_of(TIME_COLUMN).ok())
+        .collect();
+    let seq_idx = schema.index_of(SEQ_COLUMN)?;
+    let mut sort_columns: Vec<SortColumn> = key_idx
+        .iter()
+        .map(|i| SortColumn {
+            values: batch.column(*i).clone(),
+            options: Some(SortOptions {
+                descending: false,
+                nulls_first: true,
+            }),
+        })
+        .collect();
+    sort_columns.push(SortColumn {
+        values: batch.column(seq_idx).clone(),
+        options: None,
+    });
+    let indices = lexsort_to_indices(&sort_columns, None)?;
+    let sorted_keys: Vec<ArrayRef> = key_idx
+        .iter()
+        .map(|i| take(batch.column(*i).as_ref(), &indices, None))
+        .collect::<Result<_, _>>()?;
+    let ranges = arrow::compute::partition(&sorted_keys)?.ranges();
+    if ranges.len() == batch.num_rows() {
+        // No duplicates: one take per column.
+        let columns: Vec<ArrayRef> = batch
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &indices, None))
+            .collect::<Result<_, _>>()?;
+        return RecordBatch::try_new(schema, columns);
+    }
+    let idx = indices.values();
+    let first: UInt32Array = ranges.iter().map(|r| idx[r.start]).collect();
+    let last: UInt32Array = ranges.iter().map(|r| idx[r.end - 1]).collect();
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (i, field) in schema.fields().iter().enumerate() {
+        let col = batch.column(i);
+        let picked = if is_key(field) {
+            take(col.as_ref(), &first, None)?
+        } else if i == seq_idx {
+            take(col.as_ref(), &last, None)?
+        } else {
+            // The latest non-null value in each group, else the latest row (NULL).
+            let chosen: UInt32Array = ranges
+                .iter()
+                .map(|r| {
+                    idx[r.clone()]
+                        .iter()
+                        .rev()
+                        .find(|&&row| col.is_valid(row as usize))
+                        .copied()
+                        .unwrap_or(idx[r.end - 1])
+                })
+                .collect();
+            take(col.as_ref(), &chosen, None)?
+        };
+        columns.push(picked);
+    }
+    RecordBatch::try_new(schema, columns)
+}
+
+/// Row count and time and sequence ranges of a sorted, deduplicated batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Rows.
+    pub rows: u64,
+    /// Smallest time.
+    pub min_time: i64,
+    /// Largest time.
+    pub max_time: i64,
+    /// Smallest `_seq`.
+    pub min_seq: u64,
+    /// Largest `_seq`.
+    pub max_seq: u64,
+}
+
+/// Computes [`BatchStats`].
+pub fn stats(batch: &RecordBatch) -> BatchStats {
+    use arrow::array::{TimestampNanosecondArray, UInt64Array};
+    let time = batch.column_by_name(TIME_COLUMN).and_then(|c| {
+        c.as_any()
+            .downcast_ref::<TimestampNanosecondArray>()
+            .cloned()
+    });
+    let seq = batch
+        .column_by_name(SEQ_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>().cloned());
+    BatchStats {
+        rows: batch.num_rows() as u64,
+        min_time: time.as_ref().and_then(arrow::compute::min).unwrap_or(0),
+        max_time: time.as_ref().and_then(arrow::compute::max).unwrap_or(0),
+        min_seq: seq.as_ref().and_then(arrow::compute::min).unwrap_or(0),
+        max_seq: seq.as_ref().and_then(arrow::compute::max).unwrap_or(0),
+    }
+}
+
+/// Keeps only rows at or after `horizon` (ns).
+pub fn filter_horizon(batch: &RecordBatch, horizon: i64) -> Result<RecordBatch, ArrowError> {
+    use arrow::array::TimestampNanosecondArray;
+    if horizon == i64::MIN {
+        return Ok(batch.clone());
+    }
+    let Some(time) = batch
+        .column_by_name(TIME_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>())
+    else {
+        return Ok(batch.clone());
+    };
+    let keep: arrow::array::BooleanArray = time
+        .iter()
+        .map(|t| Some(t.is_some_and(|t| t >= horizon)))
+        .collect();
+    arrow::compute::filter_record_batch(batch, &keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    use store::{ColumnType as CT, TableSchema};
+
+    fn batch(rows: &[(&str, i64, Option<f64>, Option<f64>, u64)]) -> RecordBatch {
+        let mut schema = TableSchema::new();
+        schema.add_column("host", CT::Tag);
+        schema.add_column("a", CT::Float);
+        schema.add_column("b", CT::Float);
+        let target = schema.arrow_schema();
+        let plain = Arc::new(Schema::new(vec![
+            Field::new("host", DataType::Utf8, true),
+            Field::new("time", CT::Time.data_type(), false),
+            Field::new("a", DataType::Float64, true),
+            Field::new("b", DataType::Float64, true),
+            Field::new("_seq", DataType::UInt64, false),
+        ]));
+        let b = RecordBatch::try_new(
+            plain,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(TimestampNanosecondArray::from_iter_values(
+                    rows.iter().map(|r| r.1),
+                )),
+                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
+                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.3))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.4))),
+            ],
+        )
+        .unwrap();
+        align(&b, &target).unwrap()
+    }
+
+    fn rows(b: &RecordBatch) -> Vec<(String, i64, Option<f64>, Option<f64>, u64)> {
+        let host = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+        let host = host.as_any().downcast_ref::<StringArray>().unwrap();
+        let t = b
+            .column(1)
+            .as_any()
+            .downcast_ref::<TimestampNanosecondArray>()
+            .unwrap();
+        let a = b.column(2).as_any().downcast_ref::<Float64Array>().unwrap();
+        let bb = b.column(3).as_any().downcast_ref::<Float64Array>().unwrap();
+        let s = b.column(4).as_any().downcast_ref::<UInt64Array>().unwrap();
+        (0..b.num_rows())
+            .map(|i| {
+                (
+                    host.value(i).to_string(),
+                    t.value(i),
+                    a.is_valid(i).then(|| a.value(i)),
+                    bb.is_valid(i).then(|| bb.value(i)),
+                    s.value(i),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn last_write_wins_per_field_and_rows_sort_by_series_then_time() {
+        let b = batch(&[
+            ("h2", 10, Some(1.0), None, 1),
+            ("h1", 20, Some(2.0), Some(20.0), 2),
+            ("h1", 10, Some(3.0), None, 3),
+            ("h1", 20, None, Some(21.0), 4),
+            ("h1", 20, Some(5.0), None, 5),
+        ]);
+        let out = sort_dedup(&b).unwrap();
+        assert_eq!(
+            rows(&out),
+            vec![
+                ("h1".into(), 10, Some(3.0), None, 3),
+                ("h1".into(), 20, Some(5.0), Some(21.0), 5),
+                ("h2".into(), 10, Some(1.0), None, 1),
+            ]
+        );
+        let s = stats(&out);
+        assert_eq!(
+            (s.rows, s.min_time, s.max_time, s.min_seq, s.max_seq),
+            (3, 10, 20, 1, 5)
+        );
+    }
+
+    #[test]
+    fn without_duplicates_rows_are_only_sorted() {
+        let b = batch(&[("b", 2, Some(1.0), None, 1), ("a", 1, None, Some(2.0), 2)]);
+        let out = sort_dedup(&b).unwrap();
+        assert_eq!(rows(&out)[0].0, "a");
+        assert_eq!(out.num_rows(), 2);
+        let f = filter_horizon(&out, 2).unwrap();
+        assert_eq!(rows(&f), vec![("b".into(), 2, Some(1.0), None, 1)]);
+    }
+}

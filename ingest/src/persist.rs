@@ -1,0 +1,736 @@
+//! The persister: writes buffered partitions to Parquet, commits them to the manifest,
+//! retires WAL segments, compacts small files and applies retention.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parking_lot::Mutex;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use store::{
+    ColumnType, FileMeta, Lake, Layout, Manifest, ManifestError, ManifestStore, PartitionKey,
+    PendingDelete, TIME_COLUMN,
+};
+
+use crate::buffer::{FlushCandidate, FlushSnapshot, WriteBuffer};
+use crate::catalog::Catalog;
+use crate::dedup::{concat_aligned, filter_horizon, sort_dedup, stats};
+use crate::failpoint;
+use crate::metrics::IngestMetrics;
+use crate::wal::Wal;
+
+/// Errors of flushing, compaction and retention.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The manifest could not be read or committed.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The object store failed.
+    #[error("object store error on {path}: {source}")]
+    Store {
+        /// Object path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: object_store::Error,
+    },
+    /// Parquet encoding or decoding failed.
+    #[error("parquet error on {path}: {source}")]
+    Parquet {
+        /// Object path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    /// Arrow compute failed.
+    #[error("arrow error: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A blocking task failed.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+/// Settings of flushing and compaction.
+#[derive(Debug, Clone)]
+pub struct PersistConfig {
+    /// A partition is flushed once it holds this many bytes.
+    pub flush_bytes: usize,
+    /// A partition is flushed once its oldest row waited this long.
+    pub flush_age: Duration,
+    /// Files at least this large are left alone by compaction.
+    pub target_file_bytes: u64,
+    /// A partition still receiving writes is compacted past this many files.
+    pub max_files_per_partition: usize,
+    /// Compaction reads at most this many bytes of Parquet per run (memory bound).
+    pub compaction_max_input_bytes: u64,
+    /// Replaced files are deleted after this long (longer than the query time limit).
+    pub deletion_grace: Duration,
+    /// A partition that has not been written to for this long counts as closed and is
+    /// compacted down to one file (within the input bound).
+    pub closed_after: Duration,
+    /// zstd level of flushed files.
+    pub flush_zstd_level: i32,
+    /// zstd level of compacted files.
+    pub compaction_zstd_level: i32,
+}
+
+impl Default for PersistConfig {
+    fn default() -> Self {
+        PersistConfig {
+            flush_bytes: 64 << 20,
+            flush_age: Duration::from_secs(60),
+            target_file_bytes: 256 << 20,
+            max_files_per_partition: 4,
+            compaction_max_input_bytes: 256 << 20,
+            deletion_grace: Duration::from_secs(600),
+            closed_after: Duration::from_secs(600),
+            flush_zstd_level: 1,
+            compaction_zstd_level: 3,
+        }
+    }
+}
+
+type TableKey = (String, String);
+
+/// Writes the lake.
+pub struct Persister {
+    lake: Lake,
+    layout: Layout,
+    manifests: ManifestStore,
+    tables: Mutex<HashMap<TableKey, Arc<tokio::sync::Mutex<Manifest>>>>,
+    counts: Mutex<HashMap<TableKey, (usize, usize)>>,
+    /// Per table, when each partition was last flushed to (to tell closed partitions).
+    last_flush: Mutex<HashMap<(TableKey, String), std::time::Instant>>,
+    catalog: Arc<Catalog>,
+    buffer: Arc<WriteBuffer>,
+    wal: OnceLock<Arc<Wal>>,
+    metrics: Arc<IngestMetrics>,
+    config: PersistConfig,
+    flush_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Persister {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Persister")
+            .field("lake", &self.lake.url)
+            .finish()
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    now_ns() / 1_000_000
+}
+
+fn writer_props(batch: &RecordBatch, zstd_level: i32) -> WriterProperties {
+    let schema = batch.schema();
+    // Sorted by tags then time, as the rows are.
+    let sorting: Vec<SortingColumn> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
+        .map(|(i, _)| i)
+        .chain(schema.index_of(TIME_COLUMN).ok())
+        .map(|i| SortingColumn {
+            column_idx: i as i32,
+            descending: false,
+            nulls_first: true,
+        })
+        .collect();
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(zstd_level).unwrap_or_default(),
+        ))
+        .set_dictionary_enabled(true)
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_sorting_columns(Some(sorting))
+        .set_max_row_group_row_count(Some(1 << 20))
+        .build()
+}
+
+fn random_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl Persister {
+    /// A persister over a lake.
+    pub fn new(
+        lake: Lake,
+        catalog: Arc<Catalog>,
+        buffer: Arc<WriteBuffer>,
+        metrics: Arc<IngestMetrics>,
+        config: PersistConfig,
+    ) -> Self {
+        let layout = Layout::new(lake.root.clone());
+        let manifests = ManifestStore::new(lake.store.clone(), layout.clone());
+        Persister {
+            lake,
+            layout,
+            manifests,
+            tables: Mutex::new(HashMap::new()),
+            counts: Mutex::new(HashMap::new()),
+            last_flush: Mutex::new(HashMap::new()),
+            catalog,
+            buffer,
+            wal: OnceLock::new(),
+            metrics,
+            config,
+            flush_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Hands the persister the WAL whose segments it retires.
+    pub fn set_wal(&self, wal: Arc<Wal>) {
+        let _ = self.wal.set(wal);
+    }
+
+    /// The object store.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.lake.store.clone()
+    }
+
+    /// The lake layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn set_counts(&self, key: &TableKey, m: &Manifest) {
+        let partitions = m.files_by_partition().len();
+        let mut counts = self.counts.lock();
+        counts.insert(key.clone(), (m.files.len(), partitions));
+        let (f, p) = counts
+            .values()
+            .fold((0, 0), |(f, p), (a, b)| (f + a, p + b));
+        self.metrics.files.set(f as i64);
+        self.metrics.partitions.set(p as i64);
+    }
+
+    fn manifest_handle(&self, db: &str, table: &str) -> Arc<tokio::sync::Mutex<Manifest>> {
+        let key = (db.to_string(), table.to_string());
+        self.tables
+            .lock()
+            .entry(key)
+            .or_insert_with(|| {
+                let g = self.catalog.options_for(table).partition;
+                Arc::new(tokio::sync::Mutex::new(Manifest::empty(db, table, g)))
+            })
+            .clone()
+    }
+
+    /// The latest manifest of a table (empty if none).
+    pub async fn manifest(&self, db: &str, table: &str) -> Manifest {
+        self.manifest_handle(db, table).lock().await.clone()
+    }
+
+    /// All (db, table) pairs with a manifest.
+    pub fn manifest_tables(&self) -> Vec<TableKey> {
+        let mut v: Vec<_> = self.tables.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Loads every manifest, restores the catalog's schemas from them and deletes files
+    /// that no manifest lists (uploads cut short by a crash). Returns, per table and
+    /// partition, the highest persisted write sequence, for WAL replay to skip.
+    pub async fn recover(&self) -> Result<HashMap<(String, String, String), u64>, PersistError> {
+        let mut persisted = HashMap::new();
+        for (db, table) in self.manifests.list_tables().await? {
+            let Some(m) = self.manifests.load(&db, &table).await? else {
+                continue;
+            };
+            self.catalog.restore_table(&db, &table, &m.schema);
+            for (p, s) in &m.persisted_seq {
+                persisted.insert((db.clone(), table.clone(), p.clone()), *s);
+            }
+            let known: HashSet<&str> = m
+                .files
+                .iter()
+                .map(|f| f.path.as_str())
+                .chain(m.pending_deletes.iter().map(|d| d.path.as_str()))
+                .collect();
+            let dir = self.layout.table_dir(&db, &table);
+            let objects: Vec<_> = self
+                .lake
+                .store
+                .list(Some(&dir))
+                .try_collect()
+                .await
+                .map_err(|source| PersistError::Store {
+                    path: dir.to_string(),
+                    source,
+                })?;
+            for o in objects {
+                if !known.contains(o.location.as_ref()) {
+                    tracing::info!(path = %o.location, "deleting a file no manifest lists (interrupted upload)");
+                    if let Err(e) = self.lake.store.delete(&o.location).await {
+                        tracing::warn!(path = %o.location, error = %e, "could not delete orphan file");
+                    }
+                }
+            }
+            let key = (db.clone(), table.clone());
+            self.set_counts(&key, &m);
+            self.tables
+                .lock()
+                .insert(key, Arc::new(tokio::sync::Mutex::new(m)));
+        }
+        Ok(persisted)
+    }
+
+    /// Commits a change to a table's manifest: `change` edits a copy of the latest version.
+    async fn commit(
+        &self,
+        db: &str,
+        table: &str,
+        change: impl FnOnce(&mut Manifest),
+    ) -> Result<Manifest, PersistError> {
+        let handle = self.manifest_handle(db, table);
+        let mut current = handle.lock().await;
+        let mut next = current.clone();
+        next.version += 1;
+        if let Some(t) = self.catalog.table(db, table) {
+            next.schema.merge(&t.schema());
+        }
+        change(&mut next);
+        failpoint::hit("manifest_commit");
+        self.manifests.commit(&next).await?;
+        *current = next.clone();
+        self.set_counts(&(db.to_string(), table.to_string()), &next);
+        Ok(next)
+    }
+
+    async fn write_file(
+        &self,
+        path: &Path,
+        batch: &RecordBatch,
+        zstd_level: i32,
+    ) -> Result<u64, PersistError> {
+        let perr = |source| PersistError::Parquet {
+            path: path.to_string(),
+            source,
+        };
+        let sink = BufWriter::new(self.lake.store.clone(), path.clone());
+        let mut writer =
+            AsyncArrowWriter::try_new(sink, batch.schema(), Some(writer_props(batch, zstd_level)))
+                .map_err(perr)?;
+        // Write in slices so a large batch streams out as several pages and parts.
+        let step = 65_536;
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let len = step.min(batch.num_rows() - offset);
+            writer
+                .write(&batch.slice(offset, len))
+                .await
+                .map_err(perr)?;
+            offset += len;
+            if offset >= batch.num_rows() / 2 {
+                failpoint::hit("parquet_upload");
+            }
+        }
+        writer.close().await.map_err(perr)?;
+        let meta = self
+            .lake
+            .store
+            .head(path)
+            .await
+            .map_err(|source| PersistError::Store {
+                path: path.to_string(),
+                source,
+            })?;
+        self.metrics.parquet_bytes_written.inc_by(meta.size);
+        Ok(meta.size)
+    }
+
+    /// Writes one partition's buffered rows to a Parquet file and commits it.
+    pub async fn flush(
+        &self,
+        db: &str,
+        table: &str,
+        partition: PartitionKey,
+    ) -> Result<bool, PersistError> {
+        let Some(snapshot) = self.buffer.begin_flush(db, table, partition) else {
+            return Ok(false);
+        };
+        match self.flush_snapshot(&snapshot).await {
+            Ok(()) => {
+                self.buffer.finish_flush(&snapshot);
+                Ok(true)
+            }
+            Err(e) => {
+                self.buffer.abort_flush(&snapshot);
+                self.metrics.flush_errors.inc();
+                Err(e)
+            }
+        }
+    }
+
+    async fn flush_snapshot(&self, snapshot: &FlushSnapshot) -> Result<(), PersistError> {
+        let Some(table) = self.catalog.table(&snapshot.db, &snapshot.table) else {
+            return Ok(());
+        };
+        let schema = table.schema();
+        let target = schema.arrow_schema();
+        let horizon = table.options.horizon(now_ns());
+        let batches = snapshot.batches.clone();
+        let batch = tokio::task::spawn_blocking(move || -> Result<RecordBatch, PersistError> {
+            let all = concat_aligned(&batches, &target)?;
+            let live = filter_horizon(&all, horizon)?;
+            Ok(sort_dedup(&live)?)
+        })
+        .await
+        .map_err(|e| PersistError::Task(e.to_string()))??;
+        let partition_dir = snapshot.partition.dir();
+        let file = if batch.num_rows() > 0 {
+            let s = stats(&batch);
+            let id = format!("{:020}-{}", s.max_seq, random_id());
+            let path =
+                self.layout
+                    .data_file(&snapshot.db, &snapshot.table, &snapshot.partition, &id);
+            let bytes = self
+                .write_file(&path, &batch, self.config.flush_zstd_level)
+                .await?;
+            self.metrics.files_flushed.inc();
+            Some(FileMeta {
+                path: path.to_string(),
+                partition: partition_dir.clone(),
+                rows: s.rows,
+                bytes,
+                min_time: s.min_time,
+                max_time: s.max_time,
+                min_seq: s.min_seq,
+                max_seq: s.max_seq,
+                schema_version: schema.version,
+                compacted: false,
+            })
+        } else {
+            None
+        };
+        let max_seq = snapshot.max_seq;
+        let path = file.as_ref().map(|f| f.path.clone());
+        let committed = self
+            .commit(&snapshot.db, &snapshot.table, |m| {
+                if let Some(f) = file {
+                    m.files.push(f);
+                }
+                let e = m.persisted_seq.entry(partition_dir.clone()).or_insert(0);
+                *e = (*e).max(max_seq);
+            })
+            .await;
+        if let Err(e) = committed {
+            if let Some(p) = path {
+                let _ = self.lake.store.delete(&Path::from(p)).await;
+            }
+            return Err(e);
+        }
+        self.last_flush.lock().insert(
+            ((snapshot.db.clone(), snapshot.table.clone()), partition_dir),
+            std::time::Instant::now(),
+        );
+        Ok(())
+    }
+
+    /// Flushes what is due: partitions past the size or age threshold, or every partition
+    /// when `force`; under memory pressure the largest first until below half the limit.
+    /// Then retires WAL segments and compacts.
+    pub async fn run_once(&self, force: bool) -> Result<(), PersistError> {
+        let _guard = self.flush_lock.lock().await;
+        let mut candidates = self.buffer.candidates();
+        candidates.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        let mut pressure = self
+            .buffer
+            .bytes()
+            .saturating_sub(self.buffer.limit_bytes() / 2);
+        let mut touched: HashSet<TableKey> = HashSet::new();
+        let mut first_error = None;
+        for c in candidates {
+            let due = force
+                || c.bytes >= self.config.flush_bytes
+                || c.age >= self.config.flush_age
+                || pressure > 0;
+            if !due {
+                continue;
+            }
+            pressure = pressure.saturating_sub(c.bytes);
+            let FlushCandidate {
+                db,
+                table,
+                partition,
+                ..
+            } = c;
+            match self.flush(&db, &table, partition).await {
+                Ok(_) => {
+                    touched.insert((db, table));
+                }
+                Err(e) => {
+                    tracing::error!(db, table, partition = %partition, error = %e, "flush failed; will retry");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.retire_wal();
+        let tables: Vec<TableKey> = self.manifest_tables();
+        for (db, table) in tables {
+            if let Err(e) = self.compact(&db, &table).await {
+                tracing::error!(db, table, error = %e, "compaction failed; will retry");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes WAL segments whose rows are all persisted.
+    pub fn retire_wal(&self) {
+        if let Some(wal) = self.wal.get() {
+            let below = self.buffer.persisted_below(wal.last_seq() + 1);
+            wal.retire(below.saturating_sub(1), &self.metrics);
+        }
+    }
+
+    /// Flushes everything in the buffer (shutdown).
+    pub async fn flush_all(&self) -> Result<(), PersistError> {
+        self.run_once(true).await
+    }
+
+    /// Merges small files of partitions that hold too many.
+    pub async fn compact(&self, db: &str, table: &str) -> Result<(), PersistError> {
+        let manifest = self.manifest(db, table).await;
+        let key = (db.to_string(), table.to_string());
+        let partitions: Vec<(String, Vec<FileMeta>)> = manifest
+            .files_by_partition()
+            .into_iter()
+            .map(|(p, fs)| (p.to_string(), fs.into_iter().cloned().collect()))
+            .collect();
+        for (partition, files) in partitions {
+            let closed = self
+                .last_flush
+                .lock()
+                .get(&(key.clone(), partition.clone()))
+                .is_none_or(|t| t.elapsed() >= self.config.closed_after);
+            let limit = if closed {
+                1
+            } else {
+                self.config.max_files_per_partition
+            };
+            if files.len() <= limit {
+                continue;
+            }
+            let mut small: Vec<FileMeta> = files
+                .into_iter()
+                .filter(|f| f.bytes < self.config.target_file_bytes)
+                .collect();
+            small.sort_by_key(|f| f.bytes);
+            let mut chosen = Vec::new();
+            let mut total = 0;
+            for f in small {
+                if total + f.bytes > self.config.compaction_max_input_bytes && chosen.len() >= 2 {
+                    break;
+                }
+                total += f.bytes;
+                chosen.push(f);
+            }
+            if chosen.len() < 2 {
+                continue;
+            }
+            self.compact_files(db, table, &partition, chosen).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_file(&self, path: &str) -> Result<Vec<RecordBatch>, PersistError> {
+        let p = Path::from(path);
+        // Compaction input is bounded, so whole files are read into memory.
+        let bytes = self
+            .lake
+            .store
+            .get(&p)
+            .await
+            .map_err(|source| PersistError::Store {
+                path: path.to_string(),
+                source,
+            })?
+            .bytes()
+            .await
+            .map_err(|source| PersistError::Store {
+                path: path.to_string(),
+                source,
+            })?;
+        let perr = |source| PersistError::Parquet {
+            path: path.to_string(),
+            source,
+        };
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(perr)?
+            .build()
+            .map_err(perr)?;
+        reader
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| perr(e.into()))
+    }
+
+    async fn compact_files(
+        &self,
+        db: &str,
+        table: &str,
+        partition: &str,
+        chosen: Vec<FileMeta>,
+    ) -> Result<(), PersistError> {
+        let Some(t) = self.catalog.table(db, table) else {
+            return Ok(());
+        };
+        let schema = t.schema();
+        let target = schema.arrow_schema();
+        let mut batches = Vec::new();
+        for f in &chosen {
+            batches.extend(self.read_file(&f.path).await?);
+        }
+        let horizon = t.options.horizon(now_ns());
+        let batch = tokio::task::spawn_blocking(move || -> Result<RecordBatch, PersistError> {
+            let all = concat_aligned(&batches, &target)?;
+            let live = filter_horizon(&all, horizon)?;
+            Ok(sort_dedup(&live)?)
+        })
+        .await
+        .map_err(|e| PersistError::Task(e.to_string()))??;
+        let new_file = if batch.num_rows() > 0 {
+            let s = stats(&batch);
+            let Some(key) = t.options.partition.parse_dir(partition) else {
+                return Ok(());
+            };
+            let id = format!("{:020}-c{}", s.max_seq, random_id());
+            let path = self.layout.data_file(db, table, &key, &id);
+            let bytes = self
+                .write_file(&path, &batch, self.config.compaction_zstd_level)
+                .await?;
+            self.metrics.files_compacted.inc();
+            Some(FileMeta {
+                path: path.to_string(),
+                partition: partition.to_string(),
+                rows: s.rows,
+                bytes,
+                min_time: s.min_time,
+                max_time: s.max_time,
+                min_seq: s.min_seq,
+                max_seq: s.max_seq,
+                schema_version: schema.version,
+                compacted: true,
+            })
+        } else {
+            None
+        };
+        let replaced: HashSet<String> = chosen.iter().map(|f| f.path.clone()).collect();
+        let delete_after_ms = now_ms() + self.config.deletion_grace.as_millis() as i64;
+        let new_path = new_file.as_ref().map(|f| f.path.clone());
+        let result = self
+            .commit(db, table, |m| {
+                m.files.retain(|f| !replaced.contains(&f.path));
+                m.files.extend(new_file);
+                m.pending_deletes
+                    .extend(replaced.iter().map(|p| PendingDelete {
+                        path: p.clone(),
+                        delete_after_ms,
+                    }));
+            })
+            .await;
+        if let Err(e) = result {
+            if let Some(p) = new_path {
+                let _ = self.lake.store.delete(&Path::from(p)).await;
+            }
+            return Err(e);
+        }
+        tracing::info!(
+            db,
+            table,
+            partition,
+            files = chosen.len(),
+            "compacted partition files"
+        );
+        Ok(())
+    }
+
+    /// Applies retention: drops expired partitions from manifests (logging each) and
+    /// deletes files whose grace period has passed.
+    pub async fn sweep(&self) -> Result<(), PersistError> {
+        let now = now_ns();
+        let now_ms = now / 1_000_000;
+        for (db, table) in self.manifest_tables() {
+            let m = self.manifest(&db, &table).await;
+            let options = self.catalog.options_for(&table);
+            let granularity = options.partition;
+            let expired: BTreeMap<String, usize> = m
+                .files_by_partition()
+                .into_iter()
+                .filter(|(p, _)| {
+                    granularity
+                        .parse_dir(p)
+                        .is_some_and(|k| options.partition_expired(&k, now))
+                })
+                .map(|(p, fs)| (p.to_string(), fs.len()))
+                .collect();
+            let due: Vec<PendingDelete> = m
+                .pending_deletes
+                .iter()
+                .filter(|d| d.delete_after_ms <= now_ms)
+                .cloned()
+                .collect();
+            if expired.is_empty() && due.is_empty() {
+                continue;
+            }
+            for d in &due {
+                match self.lake.store.delete(&Path::from(d.path.as_str())).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(source) => {
+                        return Err(PersistError::Store {
+                            path: d.path.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            let grace = now_ms + self.config.deletion_grace.as_millis() as i64;
+            let due_paths: HashSet<String> = due.iter().map(|d| d.path.clone()).collect();
+            self.commit(&db, &table, |m| {
+                m.pending_deletes.retain(|d| !due_paths.contains(&d.path));
+                let (gone, keep): (Vec<FileMeta>, Vec<FileMeta>) = std::mem::take(&mut m.files)
+                    .into_iter()
+                    .partition(|f| expired.contains_key(&f.partition));
+                m.files = keep;
+                m.pending_deletes
+                    .extend(gone.into_iter().map(|f| PendingDelete {
+                        path: f.path,
+                        delete_after_ms: grace,
+                    }));
+            })
+            .await?;
+            for (p, n) in expired {
+                self.metrics.partitions_expired.inc();
+                tracing::info!(
+                    db,
+                    table,
+                    partition = p,
+                    files = n,
+                    "retention: partition expired and scheduled for deletion"
+                );
+            }
+        }
+        Ok(())
+    }
+}

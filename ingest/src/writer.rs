@@ -1,0 +1,258 @@
+//! The ingester: the write path wired together, from request body to acknowledgement, and
+//! recovery at start.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use store::{ColumnType, Lake, TableOptions, TableSchema};
+
+use crate::buffer::WriteBuffer;
+use crate::catalog::{Catalog, CatalogError, Limits};
+use crate::line_protocol::{LineError, Precision, parse_lines};
+use crate::metrics::IngestMetrics;
+use crate::persist::{PersistConfig, PersistError, Persister};
+use crate::wal::{EncodedRecord, Wal, WalConfig, WalError};
+
+/// Settings of the write path.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Directory of the WAL (local disk).
+    pub wal_dir: PathBuf,
+    /// WAL segment size.
+    pub wal_segment_bytes: u64,
+    /// How often `no_sync` writes reach the disk at the latest.
+    pub no_sync_interval: Duration,
+    /// Buffer memory limit: past it, writes are refused with a retry hint.
+    pub buffer_limit_bytes: usize,
+    /// Flush and compaction settings.
+    pub persist: PersistConfig,
+    /// How often the persister looks for work.
+    pub persist_interval: Duration,
+    /// Catalog limits.
+    pub limits: Limits,
+    /// Per-table settings.
+    pub tables: HashMap<String, TableOptions>,
+}
+
+/// One write request.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteRequest<'a> {
+    /// Target database.
+    pub db: &'a str,
+    /// Line protocol body (already decompressed).
+    pub body: &'a [u8],
+    /// Timestamp precision.
+    pub precision: Precision,
+    /// Write the good lines even if some are rejected.
+    pub accept_partial: bool,
+    /// Acknowledge before the WAL fsync.
+    pub no_sync: bool,
+}
+
+/// What a write did.
+#[derive(Debug, Default)]
+pub struct WriteOutcome {
+    /// Lines written.
+    pub lines_written: usize,
+    /// Rejected lines, with reasons that never contain values.
+    pub rejected: Vec<LineError>,
+}
+
+/// Why a write was not (wholly) taken.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The buffer is at its memory limit; retry after the hint.
+    #[error("write buffer is full ({used} of {limit} bytes); retry later")]
+    BufferFull {
+        /// Bytes used.
+        used: usize,
+        /// Limit.
+        limit: usize,
+    },
+    /// The database name is unusable.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// With `accept_partial=false`, some lines were bad so nothing was written.
+    #[error("{} lines rejected; nothing written", .0.len())]
+    Rejected(Vec<LineError>),
+    /// The WAL failed; nothing was acknowledged.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+}
+
+/// Errors at start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The WAL could not be read or started.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// The lake could not be read.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+}
+
+/// The write path.
+#[derive(Debug)]
+pub struct Ingester {
+    /// Schemas and limits.
+    pub catalog: Arc<Catalog>,
+    /// Buffered rows.
+    pub buffer: Arc<WriteBuffer>,
+    /// The log.
+    pub wal: Arc<Wal>,
+    /// The lake writer.
+    pub persister: Arc<Persister>,
+    /// Counters.
+    pub metrics: Arc<IngestMetrics>,
+    persist_interval: Duration,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Ingester {
+    /// Opens the lake and the WAL: restores schemas from manifests, replays WAL records not
+    /// yet in Parquet into the buffer, and starts the WAL thread.
+    pub async fn open(
+        lake: Lake,
+        config: IngestConfig,
+        metrics: Arc<IngestMetrics>,
+    ) -> Result<Arc<Self>, OpenError> {
+        let catalog = Arc::new(Catalog::new(config.limits.clone(), config.tables.clone()));
+        let buffer = Arc::new(WriteBuffer::new(config.buffer_limit_bytes, metrics.clone()));
+        let persister = Arc::new(Persister::new(
+            lake,
+            catalog.clone(),
+            buffer.clone(),
+            metrics.clone(),
+            config.persist.clone(),
+        ));
+        let persisted = persister.recover().await?;
+        let max_persisted = persisted.values().copied().max().unwrap_or(0);
+        let wal_dir = config.wal_dir.clone();
+        let (replay, segments) = tokio::task::spawn_blocking(move || Wal::replay(&wal_dir))
+            .await
+            .map_err(|e| WalError::Encoding(e.to_string()))??;
+        let (mut replayed, mut skipped) = (0usize, 0usize);
+        for record in replay.records {
+            let mut seq = record.base_seq;
+            for w in record.writes {
+                let rows = w.batch.num_rows() as u64;
+                let last = seq + rows.saturating_sub(1);
+                let key = (w.db.clone(), w.table.clone(), w.partition.dir());
+                if persisted.get(&key).is_some_and(|p| *p >= last) {
+                    skipped += rows as usize;
+                } else {
+                    let mut schema = TableSchema::new();
+                    for f in w.batch.schema().fields() {
+                        if let Some(t) = ColumnType::from_data_type(f.data_type()) {
+                            if t != ColumnType::Time {
+                                schema.add_column(f.name(), t);
+                            }
+                        }
+                    }
+                    let table = catalog.restore_table(&w.db, &w.table, &schema);
+                    catalog.note_series(&table, &w.batch);
+                    replayed += rows as usize;
+                    buffer.insert(seq, vec![w]);
+                }
+                seq += rows;
+            }
+        }
+        let next_seq = replay.next_seq.max(max_persisted + 1);
+        tracing::info!(
+            replayed,
+            skipped,
+            truncated_bytes = replay.truncated_bytes,
+            next_seq,
+            "WAL replayed"
+        );
+        let wal = Arc::new(Wal::start(
+            WalConfig {
+                dir: config.wal_dir.clone(),
+                segment_bytes: config.wal_segment_bytes,
+                no_sync_interval: config.no_sync_interval,
+            },
+            next_seq,
+            segments,
+            buffer.clone(),
+            metrics.clone(),
+        )?);
+        persister.set_wal(wal.clone());
+        Ok(Arc::new(Ingester {
+            catalog,
+            buffer,
+            wal,
+            persister,
+            metrics,
+            persist_interval: config.persist_interval,
+        }))
+    }
+
+    /// Validates, logs and buffers one request; resolves when it may be acknowledged.
+    pub async fn write(&self, req: WriteRequest<'_>) -> Result<WriteOutcome, WriteError> {
+        self.metrics.write_requests.inc();
+        if self.buffer.is_full() {
+            self.metrics.writes_throttled.inc();
+            return Err(WriteError::BufferFull {
+                used: self.buffer.bytes(),
+                limit: self.buffer.limit_bytes(),
+            });
+        }
+        let validated =
+            self.catalog
+                .validate(req.db, parse_lines(req.body), req.precision, now_ns())?;
+        self.metrics
+            .lines_rejected
+            .inc_by(validated.rejected.len() as u64);
+        if !req.accept_partial && !validated.rejected.is_empty() {
+            return Err(WriteError::Rejected(validated.rejected));
+        }
+        let lines_written = validated.lines_accepted;
+        if !validated.writes.is_empty() {
+            let rows = validated.rows() as u64;
+            let record = EncodedRecord::encode(req.db, validated.writes)?;
+            self.wal.append(record, !req.no_sync).await?;
+            self.metrics.rows_ingested.inc_by(rows);
+        }
+        Ok(WriteOutcome {
+            lines_written,
+            rejected: validated.rejected,
+        })
+    }
+
+    /// Runs flushing, compaction and retention until `shutdown` resolves.
+    pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.persist_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweeps = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if let Err(e) = self.persister.run_once(false).await {
+                tracing::warn!(error = %e, "persist cycle had errors");
+            }
+            sweeps += 1;
+            if sweeps % 10 == 0 {
+                if let Err(e) = self.persister.sweep().await {
+                    tracing::warn!(error = %e, "retention sweep failed");
+                }
+            }
+        }
+    }
+
+    /// Flushes the buffer to the lake and closes the WAL.
+    pub async fn shutdown(&self) -> Result<(), PersistError> {
+        let result = self.persister.flush_all().await;
+        self.wal.close();
+        result
+    }
+}
