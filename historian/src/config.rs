@@ -95,6 +95,10 @@ pub struct WalSection {
     /// How often `no_sync` writes are fsynced at the latest.
     #[serde(with = "humantime_serde")]
     pub no_sync_interval: Duration,
+    /// Under concurrent writes, how long a group commit waits for more records before its
+    /// fsync (a lone writer never waits).
+    #[serde(with = "humantime_serde")]
+    pub commit_delay: Duration,
 }
 
 impl Default for WalSection {
@@ -103,6 +107,7 @@ impl Default for WalSection {
             dir: None,
             segment_bytes: 64 << 20,
             no_sync_interval: Duration::from_millis(100),
+            commit_delay: Duration::from_millis(5),
         }
     }
 }
@@ -241,6 +246,7 @@ impl Config {
             wal_dir: self.wal.dir.clone().unwrap_or_else(|| data_dir.join("wal")),
             wal_segment_bytes: self.wal.segment_bytes,
             no_sync_interval: self.wal.no_sync_interval,
+            commit_delay: self.wal.commit_delay,
             buffer_limit_bytes: self.write.buffer_limit_bytes,
             persist: PersistConfig {
                 flush_bytes: self.persist.flush_bytes,

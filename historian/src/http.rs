@@ -110,29 +110,36 @@ async fn write_v1(
     write(s, q, headers, body, Flavour::V1).await
 }
 
-fn parse_bool(q: &HashMap<String, String>, key: &str, default: bool) -> Result<bool, Response> {
+/// A request refused before it reaches the write path.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.0, &self.1, json!({}))
+    }
+}
+
+fn parse_bool(q: &HashMap<String, String>, key: &str, default: bool) -> Result<bool, ApiError> {
     match q.get(key).map(|s| s.to_ascii_lowercase()) {
         None => Ok(default),
         Some(v) if v == "true" || v == "1" => Ok(true),
         Some(v) if v == "false" || v == "0" => Ok(false),
-        Some(_) => Err(error_response(
+        Some(_) => Err(ApiError(
             StatusCode::BAD_REQUEST,
-            &format!("query parameter {key} must be true or false"),
-            json!({}),
+            format!("query parameter {key} must be true or false"),
         )),
     }
 }
 
 /// Reads the body, enforcing the limit, and gunzips it if needed (limit again after).
-async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let too_large = || {
-        error_response(
+        ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
+            format!(
                 "request body exceeds the limit of {} bytes",
                 s.max_body_bytes
             ),
-            json!({}),
         )
     };
     let raw = axum::body::to_bytes(body, s.max_body_bytes)
@@ -149,21 +156,16 @@ async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Byte
             let limit = s.max_body_bytes as u64;
             let mut decoder = flate2::read::MultiGzDecoder::new(&raw[..]).take(limit + 1);
             decoder.read_to_end(&mut out).map_err(|e| {
-                error_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("invalid gzip body: {e}"),
-                    json!({}),
-                )
+                ApiError(StatusCode::BAD_REQUEST, format!("invalid gzip body: {e}"))
             })?;
             if out.len() as u64 > limit {
                 return Err(too_large());
             }
             Ok(Bytes::from(out))
         }
-        Some(other) => Err(error_response(
+        Some(other) => Err(ApiError(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &format!("unsupported Content-Encoding {other:?}; use gzip or none"),
-            json!({}),
+            format!("unsupported Content-Encoding {other:?}; use gzip or none"),
         )),
     }
 }
@@ -207,15 +209,15 @@ async fn write(
     };
     let accept_partial = match parse_bool(&q, "accept_partial", true) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let no_sync = match parse_bool(&q, "no_sync", false) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let body = match read_body(&s, &headers, body).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let req = WriteRequest {
         db: &db,

@@ -44,6 +44,8 @@ impl PartitionBuffer {
 }
 
 type TableKey = (String, String);
+/// One table's partitions.
+type TablePartitions = Arc<Mutex<BTreeMap<PartitionKey, PartitionBuffer>>>;
 
 /// A flush's hold on a partition's rows.
 #[derive(Debug)]
@@ -80,7 +82,7 @@ pub struct FlushCandidate {
 /// The write buffer.
 #[derive(Debug)]
 pub struct WriteBuffer {
-    tables: RwLock<HashMap<TableKey, Arc<Mutex<BTreeMap<PartitionKey, PartitionBuffer>>>>>,
+    tables: RwLock<HashMap<TableKey, TablePartitions>>,
     bytes: AtomicUsize,
     rows: AtomicUsize,
     limit_bytes: usize,
@@ -131,7 +133,7 @@ impl WriteBuffer {
         self.bytes() >= self.limit_bytes
     }
 
-    fn table(&self, db: &str, table: &str) -> Arc<Mutex<BTreeMap<PartitionKey, PartitionBuffer>>> {
+    fn table(&self, db: &str, table: &str) -> TablePartitions {
         let key = (db.to_string(), table.to_string());
         if let Some(t) = self.tables.read().get(&key) {
             return t.clone();

@@ -264,14 +264,13 @@ impl Catalog {
                 .zip(&converted)
             {
                 let col = col.as_any().downcast_ref::<arrow::array::StringArray>();
-                if let Some(col) = col {
-                    if arrow::array::Array::is_valid(col, row) {
+                if let Some(col) = col
+                    && arrow::array::Array::is_valid(col, row) {
                         h.write(name.name().as_bytes());
                         h.write_u8(0xff);
                         h.write(col.value(row).as_bytes());
                         h.write_u8(0xfe);
                     }
-                }
             }
             state.series.insert(h.finish());
         }

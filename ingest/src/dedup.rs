@@ -179,7 +179,11 @@ mod tests {
     use std::sync::Arc;
     use store::{ColumnType as CT, TableSchema};
 
-    fn batch(rows: &[(&str, i64, Option<f64>, Option<f64>, u64)]) -> RecordBatch {
+    /// host, time, a, b, _seq
+    type Row<'a> = (&'a str, i64, Option<f64>, Option<f64>, u64);
+    type OwnedRow = (String, i64, Option<f64>, Option<f64>, u64);
+
+    fn batch(rows: &[Row<'_>]) -> RecordBatch {
         let mut schema = TableSchema::new();
         schema.add_column("host", CT::Tag);
         schema.add_column("a", CT::Float);
@@ -208,7 +212,7 @@ mod tests {
         align(&b, &target).unwrap()
     }
 
-    fn rows(b: &RecordBatch) -> Vec<(String, i64, Option<f64>, Option<f64>, u64)> {
+    fn rows(b: &RecordBatch) -> Vec<OwnedRow> {
         let host = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
         let host = host.as_any().downcast_ref::<StringArray>().unwrap();
         let t = b

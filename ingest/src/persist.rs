@@ -451,7 +451,7 @@ impl Persister {
     pub async fn run_once(&self, force: bool) -> Result<(), PersistError> {
         let _guard = self.flush_lock.lock().await;
         let mut candidates = self.buffer.candidates();
-        candidates.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.bytes));
         let mut pressure = self
             .buffer
             .bytes()

@@ -14,7 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,9 @@ pub struct WalConfig {
     pub segment_bytes: u64,
     /// How often `no_sync` writes are fsynced at the latest.
     pub no_sync_interval: Duration,
+    /// When writers are concurrent, how long the first record of a group waits for more
+    /// before the group is written (fewer fsyncs under load, no wait for a lone writer).
+    pub commit_delay: Duration,
 }
 
 /// Receives committed records, in sequence order, on the WAL thread.
@@ -275,6 +278,18 @@ pub struct Wal {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     last_seq: Arc<AtomicU64>,
     dir: PathBuf,
+    preparing: Arc<AtomicUsize>,
+}
+
+/// Held by a writer from the start of its request until its record is queued, so that a
+/// group commit can wait for it rather than fsync without it.
+#[derive(Debug)]
+pub struct PreparingGuard(Arc<AtomicUsize>);
+
+impl Drop for PreparingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Wal {
@@ -422,6 +437,8 @@ impl Wal {
         });
         metrics.wal_segments.set(segments.lock().len() as i64);
         let thread_segments = segments.clone();
+        let preparing = Arc::new(AtomicUsize::new(0));
+        let thread_preparing = preparing.clone();
         let thread_last = last_seq.clone();
         let dir = config.dir.clone();
         let thread = std::thread::Builder::new()
@@ -436,11 +453,13 @@ impl Wal {
                     applier,
                     metrics,
                     unsynced: false,
+                    preparing: thread_preparing,
                 };
                 state.run(rx);
             })
             .map_err(io_err(&dir))?;
         Ok(Wal {
+            preparing,
             tx: Mutex::new(Some(tx)),
             segments,
             thread: Mutex::new(Some(thread)),
@@ -449,9 +468,20 @@ impl Wal {
         })
     }
 
+    /// Announces a writer that will append soon; drop the guard once queued or abandoned.
+    pub fn preparing(&self) -> PreparingGuard {
+        self.preparing.fetch_add(1, Ordering::AcqRel);
+        PreparingGuard(self.preparing.clone())
+    }
+
     /// Appends a record; resolves once it is on disk (fsynced unless `sync` is false) and
     /// applied to the buffer. Returns the record's first write sequence.
-    pub async fn append(&self, record: EncodedRecord, sync: bool) -> Result<u64, WalError> {
+    pub async fn append(
+        &self,
+        record: EncodedRecord,
+        sync: bool,
+        guard: Option<PreparingGuard>,
+    ) -> Result<u64, WalError> {
         let (done, rx) = oneshot::channel();
         {
             let tx = self.tx.lock();
@@ -459,6 +489,7 @@ impl Wal {
             tx.send(WalRequest { record, sync, done })
                 .map_err(|_| WalError::Closed)?;
         }
+        drop(guard);
         match rx.await {
             Ok(Ok(seq)) => Ok(seq),
             Ok(Err(msg)) => Err(WalError::Encoding(msg)),
@@ -539,6 +570,7 @@ struct WalThread {
     applier: Arc<dyn WalApplier>,
     metrics: Arc<IngestMetrics>,
     unsynced: bool,
+    preparing: Arc<AtomicUsize>,
 }
 
 impl WalThread {
@@ -557,13 +589,33 @@ impl WalThread {
             };
             let mut group = vec![first];
             let mut bytes = group[0].record.payload.len();
+            // Wait for writers that are preparing a record right now (up to commit_delay):
+            // they would otherwise each need an fsync of their own. A lone writer never waits.
+            let deadline = Instant::now() + self.config.commit_delay;
             while bytes < MAX_GROUP_BYTES {
-                match rx.try_recv() {
-                    Ok(r) => {
+                let next = match rx.try_recv() {
+                    Ok(r) => Some(r),
+                    Err(mpsc::TryRecvError::Empty) => {
+                        let now = Instant::now();
+                        if self.preparing.load(Ordering::Acquire) == 0 || now >= deadline {
+                            None
+                        } else {
+                            let step = (deadline - now).min(Duration::from_micros(200));
+                            match rx.recv_timeout(step) {
+                                Ok(r) => Some(r),
+                                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                                Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                            }
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => None,
+                };
+                match next {
+                    Some(r) => {
                         bytes += r.record.payload.len();
                         group.push(r);
                     }
-                    Err(_) => break,
+                    None => break,
                 }
             }
             self.commit(group, &mut buf);

@@ -24,6 +24,8 @@ pub struct IngestConfig {
     pub wal_segment_bytes: u64,
     /// How often `no_sync` writes reach the disk at the latest.
     pub no_sync_interval: Duration,
+    /// Group-commit wait under concurrency.
+    pub commit_delay: Duration,
     /// Buffer memory limit: past it, writes are refused with a retry hint.
     pub buffer_limit_bytes: usize,
     /// Flush and compaction settings.
@@ -151,11 +153,10 @@ impl Ingester {
                 } else {
                     let mut schema = TableSchema::new();
                     for f in w.batch.schema().fields() {
-                        if let Some(t) = ColumnType::from_data_type(f.data_type()) {
-                            if t != ColumnType::Time {
+                        if let Some(t) = ColumnType::from_data_type(f.data_type())
+                            && t != ColumnType::Time {
                                 schema.add_column(f.name(), t);
                             }
-                        }
                     }
                     let table = catalog.restore_table(&w.db, &w.table, &schema);
                     catalog.note_series(&table, &w.batch);
@@ -178,6 +179,7 @@ impl Ingester {
                 dir: config.wal_dir.clone(),
                 segment_bytes: config.wal_segment_bytes,
                 no_sync_interval: config.no_sync_interval,
+                commit_delay: config.commit_delay,
             },
             next_seq,
             segments,
@@ -205,6 +207,7 @@ impl Ingester {
                 limit: self.buffer.limit_bytes(),
             });
         }
+        let guard = self.wal.preparing();
         let validated =
             self.catalog
                 .validate(req.db, parse_lines(req.body), req.precision, now_ns())?;
@@ -218,7 +221,7 @@ impl Ingester {
         if !validated.writes.is_empty() {
             let rows = validated.rows() as u64;
             let record = EncodedRecord::encode(req.db, validated.writes)?;
-            self.wal.append(record, !req.no_sync).await?;
+            self.wal.append(record, !req.no_sync, Some(guard)).await?;
             self.metrics.rows_ingested.inc_by(rows);
         }
         Ok(WriteOutcome {
@@ -241,17 +244,19 @@ impl Ingester {
                 tracing::warn!(error = %e, "persist cycle had errors");
             }
             sweeps += 1;
-            if sweeps % 10 == 0 {
-                if let Err(e) = self.persister.sweep().await {
+            if sweeps.is_multiple_of(10)
+                && let Err(e) = self.persister.sweep().await {
                     tracing::warn!(error = %e, "retention sweep failed");
                 }
-            }
         }
     }
 
     /// Flushes the buffer to the lake and closes the WAL.
     pub async fn shutdown(&self) -> Result<(), PersistError> {
-        let result = self.persister.flush_all().await;
+        let mut result = self.persister.flush_all().await;
+        if let Err(e) = self.persister.sweep().await {
+            result = result.and(Err(e));
+        }
         self.wal.close();
         result
     }

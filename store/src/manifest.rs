@@ -260,10 +260,10 @@ impl ManifestStore {
         if next.version > KEEP_OLD_VERSIONS {
             let versions = self.versions(&next.db, &next.table).await?;
             for (v, p) in versions {
-                if v + KEEP_OLD_VERSIONS < next.version {
-                    if let Err(e) = self.store.delete(&p).await {
-                        tracing::warn!(path = %p, error = %e, "could not delete old manifest version");
-                    }
+                if v + KEEP_OLD_VERSIONS < next.version
+                    && let Err(e) = self.store.delete(&p).await
+                {
+                    tracing::warn!(path = %p, error = %e, "could not delete old manifest version");
                 }
             }
         }

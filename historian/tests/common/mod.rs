@@ -1,0 +1,252 @@
+//! Starts the real `historian` binary on a free loopback port and a temporary directory.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running server.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+    pub log_path: PathBuf,
+}
+
+/// The Python interpreter with duckdb, pyarrow and moto, installed by `.ci/run`.
+pub fn python() -> PathBuf {
+    let p = std::env::var("HISTORIAN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/tmp/historian-venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run `bash .ci/run` once (it creates the venv), or set HISTORIAN_PYTHON",
+        p.display()
+    );
+    p
+}
+
+impl Server {
+    /// Starts a server with `config` (TOML) in `data_dir`.
+    pub fn start(data_dir: &Path, config: &str) -> Server {
+        Self::start_with_env(data_dir, config, &[])
+    }
+
+    /// Starts a server with extra environment variables (e.g. failpoints).
+    pub fn start_with_env(data_dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let config_path = data_dir.join("historian.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            config_path,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log_path: data_dir.join("server.log"),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_historian"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--http-bind")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start historian");
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).unwrap();
+            if n == 0 {
+                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                panic!("historian exited before listening; log:\n{log}");
+            }
+            if let Some(addr) = line.trim().strip_prefix("historian listening on http://") {
+                self.addr = addr.to_string();
+                break;
+            }
+            assert!(Instant::now() < deadline, "historian did not start");
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal and waits for the process to end.
+    fn signal_and_wait(&mut self, sig: &str) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg(sig)
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Graceful stop: SIGTERM flushes the buffer to the lake.
+    pub fn stop(&mut self) {
+        self.signal_and_wait("-TERM");
+    }
+
+    /// Crash: SIGKILL.
+    pub fn kill9(&mut self) {
+        self.signal_and_wait("-KILL");
+    }
+
+    /// Waits for the process to exit by itself (a failpoint abort), up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return true;
+                }
+            } else {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Starts again on the same directory and config (new port), with `env`.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.extra_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn();
+    }
+
+    /// Rewrites the config file (takes effect on the next restart).
+    pub fn set_config(&mut self, config: &str) {
+        std::fs::write(&self.config_path, config).unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn lake(&self) -> PathBuf {
+        self.data_dir.join("lake")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// POSTs a body; returns status and JSON body (Null when empty).
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let resp = client.post(url).body(body).send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    let json = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+    };
+    (status, json)
+}
+
+/// Reads every row of every live file of a table via its latest manifest.
+pub fn manifest(lake: &Path, db: &str, table: &str) -> serde_json::Value {
+    let dir = lake.join("databases").join(db).join("manifest").join(table);
+    let mut versions: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    versions.sort();
+    let latest = versions.last().expect("a manifest version");
+    serde_json::from_slice(&std::fs::read(latest).unwrap()).unwrap()
+}
+
+/// Paths (absolute) of the live files of a table.
+pub fn live_files(lake: &Path, db: &str, table: &str) -> Vec<PathBuf> {
+    let m = manifest(lake, db, table);
+    m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| lake.join(f["path"].as_str().unwrap()))
+        .collect()
+}
+
+/// Reads all record batches of a Parquet file.
+pub fn read_parquet(path: &Path) -> Vec<arrow::record_batch::RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    reader.collect::<Result<Vec<_>, _>>().unwrap()
+}
+
+/// Runs a Python script with the test venv; returns stdout, panicking with stderr on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
