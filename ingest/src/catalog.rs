@@ -255,7 +255,7 @@ impl Catalog {
             .filter_map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok())
             .collect();
         for row in 0..batch.num_rows() {
-            let mut h = self.hasher.build_hasher();
+            let mut series = 0u64;
             for (name, col) in batch
                 .schema()
                 .fields()
@@ -263,16 +263,17 @@ impl Catalog {
                 .filter(|f| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
                 .zip(&converted)
             {
-                let col = col.as_any().downcast_ref::<arrow::array::StringArray>();
-                if let Some(col) = col
-                    && arrow::array::Array::is_valid(col, row) {
-                        h.write(name.name().as_bytes());
-                        h.write_u8(0xff);
-                        h.write(col.value(row).as_bytes());
-                        h.write_u8(0xfe);
-                    }
+                if let Some(col) = col.as_any().downcast_ref::<arrow::array::StringArray>()
+                    && arrow::array::Array::is_valid(col, row)
+                {
+                    let mut h = self.hasher.build_hasher();
+                    h.write(name.name().as_bytes());
+                    h.write_u8(0xff);
+                    h.write(col.value(row).as_bytes());
+                    series = series.wrapping_add(h.finish());
+                }
             }
-            state.series.insert(h.finish());
+            state.series.insert(series);
         }
     }
 
@@ -468,21 +469,15 @@ impl Catalog {
     }
 
     fn series_hash(&self, line: &ParsedLine<'_>) -> u64 {
-        // Tag order in a line is arbitrary; the series is the set.
-        let mut tags: Vec<(&str, &str)> = line
-            .tags
-            .iter()
-            .map(|(k, v)| (k.as_ref(), v.as_ref()))
-            .collect();
-        tags.sort_unstable();
-        let mut h = self.hasher.build_hasher();
-        for (k, v) in tags {
+        // Tag order in a line is arbitrary and the series is the set: combine per-tag
+        // hashes with a commutative sum instead of sorting.
+        line.tags.iter().fold(0u64, |acc, (k, v)| {
+            let mut h = self.hasher.build_hasher();
             h.write(k.as_bytes());
             h.write_u8(0xff);
             h.write(v.as_bytes());
-            h.write_u8(0xfe);
-        }
-        h.finish()
+            acc.wrapping_add(h.finish())
+        })
     }
 }
 
@@ -547,30 +542,43 @@ impl ColumnBuilder {
 struct BatchBuilder {
     rows: usize,
     time: TimestampNanosecondBuilder,
-    /// Column name -> (builder, rows appended so far).
-    columns: HashMap<String, (ColumnBuilder, usize)>,
+    /// (name, builder, rows appended so far), in order of first appearance.
+    columns: Vec<(String, ColumnBuilder, usize)>,
 }
 
 impl BatchBuilder {
-    fn column(&mut self, name: &str, ty: ColumnType) -> &mut (ColumnBuilder, usize) {
-        if !self.columns.contains_key(name) {
-            let mut b = ColumnBuilder::new(ty);
-            b.append_nulls(self.rows);
-            self.columns.insert(name.to_string(), (b, self.rows));
+    /// The column's index; `hint` is where the same key sat in the previous line, since
+    /// collectors send keys in the same order line after line.
+    fn column(&mut self, name: &str, ty: ColumnType, hint: usize) -> usize {
+        if let Some((n, _, _)) = self.columns.get(hint)
+            && n == name
+        {
+            return hint;
         }
-        self.columns.get_mut(name).expect("inserted above")
+        if let Some(i) = self.columns.iter().position(|(n, _, _)| n == name) {
+            return i;
+        }
+        let mut b = ColumnBuilder::new(ty);
+        b.append_nulls(self.rows);
+        self.columns.push((name.to_string(), b, self.rows));
+        self.columns.len() - 1
     }
 
     fn append(&mut self, line: &ParsedLine<'_>, time: i64) {
+        let mut hint = 0;
         for (k, v) in &line.tags {
-            let (b, n) = self.column(k, ColumnType::Tag);
+            let i = self.column(k, ColumnType::Tag, hint);
+            hint = i + 1;
+            let (_, b, n) = &mut self.columns[i];
             if let ColumnBuilder::Tag(b) = b {
                 b.append_value(v.as_ref());
                 *n += 1;
             }
         }
         for (k, v) in &line.fields {
-            let (b, n) = self.column(k, field_type(v));
+            let i = self.column(k, field_type(v), hint);
+            hint = i + 1;
+            let (_, b, n) = &mut self.columns[i];
             let appended = match (b, v) {
                 (ColumnBuilder::Float(b), FieldValue::Float(x)) => {
                     b.append_value(*x);
@@ -600,7 +608,7 @@ impl BatchBuilder {
         }
         self.time.append_value(time);
         self.rows += 1;
-        for (b, n) in self.columns.values_mut() {
+        for (_, b, n) in self.columns.iter_mut() {
             if *n < self.rows {
                 b.append_nulls(self.rows - *n);
                 *n = self.rows;
@@ -616,7 +624,7 @@ impl BatchBuilder {
             if c.column_type == ColumnType::Time {
                 fields.push(Field::new(TIME_COLUMN, ColumnType::Time.data_type(), false));
                 arrays.push(Arc::new(self.time.finish()));
-            } else if let Some((b, _)) = self.columns.get_mut(&c.name) {
+            } else if let Some((_, b, _)) = self.columns.iter_mut().find(|(n, _, _)| *n == c.name) {
                 fields.push(Field::new(&c.name, c.column_type.data_type(), true));
                 arrays.push(b.finish());
             }
