@@ -31,8 +31,10 @@ fn armed() -> Option<&'static Armed> {
 /// Marks a crash point; aborts here if the environment armed it.
 pub fn hit(name: &str) {
     if let Some(a) = armed()
-        && a.name == name && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
-            eprintln!("failpoint {name} reached: aborting");
-            std::process::abort();
-        }
+        && a.name == name
+        && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.at
+    {
+        eprintln!("failpoint {name} reached: aborting");
+        std::process::abort();
+    }
 }

@@ -154,9 +154,10 @@ impl Ingester {
                     let mut schema = TableSchema::new();
                     for f in w.batch.schema().fields() {
                         if let Some(t) = ColumnType::from_data_type(f.data_type())
-                            && t != ColumnType::Time {
-                                schema.add_column(f.name(), t);
-                            }
+                            && t != ColumnType::Time
+                        {
+                            schema.add_column(f.name(), t);
+                        }
                     }
                     let table = catalog.restore_table(&w.db, &w.table, &schema);
                     catalog.note_series(&table, &w.batch);
@@ -245,9 +246,10 @@ impl Ingester {
             }
             sweeps += 1;
             if sweeps.is_multiple_of(10)
-                && let Err(e) = self.persister.sweep().await {
-                    tracing::warn!(error = %e, "retention sweep failed");
-                }
+                && let Err(e) = self.persister.sweep().await
+            {
+                tracing::warn!(error = %e, "retention sweep failed");
+            }
         }
     }
 
