@@ -165,6 +165,29 @@ fn writer_props(batch: &RecordBatch, zstd_level: i32) -> WriterProperties {
         .build()
 }
 
+/// Deletes the temporary files a local-disk upload leaves when the process dies mid-write
+/// (`part-….parquet#N`); the object store's listing hides them.
+fn remove_local_temp_files(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            remove_local_temp_files(&path);
+        } else if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains(".parquet#"))
+        {
+            tracing::info!(path = %path.display(), "deleting the temporary file of an interrupted write");
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not delete temporary file");
+            }
+        }
+    }
+}
+
 fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -251,19 +274,28 @@ impl Persister {
     /// partition, the highest persisted write sequence, for WAL replay to skip.
     pub async fn recover(&self) -> Result<HashMap<(String, String, String), u64>, PersistError> {
         let mut persisted = HashMap::new();
-        for (db, table) in self.manifests.list_tables().await? {
-            let Some(m) = self.manifests.load(&db, &table).await? else {
-                continue;
-            };
-            self.catalog.restore_table(&db, &table, &m.schema);
-            for (p, s) in &m.persisted_seq {
-                persisted.insert((db.clone(), table.clone(), p.clone()), *s);
+        // Tables with data directories but no manifest yet crashed before their first
+        // commit: everything in them is an orphan.
+        let mut tables: Vec<(String, String)> = self.manifests.list_tables().await?;
+        tables.extend(self.manifests.list_table_dirs().await?);
+        tables.sort();
+        tables.dedup();
+        for (db, table) in tables {
+            let manifest = self.manifests.load(&db, &table).await?;
+            if let Some(m) = &manifest {
+                self.catalog.restore_table(&db, &table, &m.schema);
+                for (p, s) in &m.persisted_seq {
+                    persisted.insert((db.clone(), table.clone(), p.clone()), *s);
+                }
             }
-            let known: HashSet<&str> = m
-                .files
+            let known: HashSet<&str> = manifest
                 .iter()
-                .map(|f| f.path.as_str())
-                .chain(m.pending_deletes.iter().map(|d| d.path.as_str()))
+                .flat_map(|m| {
+                    m.files
+                        .iter()
+                        .map(|f| f.path.as_str())
+                        .chain(m.pending_deletes.iter().map(|d| d.path.as_str()))
+                })
                 .collect();
             let dir = self.layout.table_dir(&db, &table);
             let objects: Vec<_> = self
@@ -284,11 +316,16 @@ impl Persister {
                     }
                 }
             }
-            let key = (db.clone(), table.clone());
-            self.set_counts(&key, &m);
-            self.tables
-                .lock()
-                .insert(key, Arc::new(tokio::sync::Mutex::new(m)));
+            if let Some(local) = &self.lake.local_dir {
+                remove_local_temp_files(&local.join(dir.as_ref()));
+            }
+            if let Some(m) = manifest {
+                let key = (db.clone(), table.clone());
+                self.set_counts(&key, &m);
+                self.tables
+                    .lock()
+                    .insert(key, Arc::new(tokio::sync::Mutex::new(m)));
+            }
         }
         Ok(persisted)
     }
@@ -332,18 +369,26 @@ impl Persister {
         // Write in slices so a large batch streams out as several pages and parts.
         let step = 65_536;
         let mut offset = 0;
-        while offset < batch.num_rows() {
+        let mut result = Ok(());
+        while offset < batch.num_rows() && result.is_ok() {
             let len = step.min(batch.num_rows() - offset);
-            writer
-                .write(&batch.slice(offset, len))
-                .await
-                .map_err(perr)?;
+            result = writer.write(&batch.slice(offset, len)).await;
             offset += len;
             if offset >= batch.num_rows() / 2 {
                 failpoint::hit("parquet_upload");
             }
         }
-        writer.close().await.map_err(perr)?;
+        if result.is_ok() {
+            result = writer.finish().await.map(|_| ());
+        }
+        if let Err(e) = result {
+            // Leave no half-finished multipart upload behind on object storage.
+            let mut sink = writer.into_inner();
+            if let Err(abort) = sink.abort().await {
+                tracing::warn!(path = %path, error = %abort, "could not abort the failed upload");
+            }
+            return Err(perr(e));
+        }
         let meta = self
             .lake
             .store

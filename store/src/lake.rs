@@ -72,6 +72,9 @@ pub struct Lake {
     pub root: Path,
     /// The URL it was opened from, for logs.
     pub url: String,
+    /// For `file://` lakes, the directory: lets recovery remove the temporary files an
+    /// interrupted local write leaves (the object store's listing hides them).
+    pub local_dir: Option<std::path::PathBuf>,
 }
 
 impl Lake {
@@ -99,6 +102,7 @@ impl Lake {
                 store: Arc::new(store),
                 root: Path::default(),
                 url: url.to_string(),
+                local_dir: Some(std::path::PathBuf::from(dir)),
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -130,6 +134,7 @@ impl Lake {
                 store: Arc::new(store),
                 root: Path::from(prefix.trim_matches('/')),
                 url: url.to_string(),
+                local_dir: None,
             });
         }
         Err(invalid("the scheme must be file:// or s3://"))

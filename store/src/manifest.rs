@@ -227,6 +227,32 @@ impl ManifestStore {
         Ok(out)
     }
 
+    /// Databases and tables that have a data directory (with or without a manifest).
+    pub async fn list_table_dirs(&self) -> Result<Vec<(String, String)>, ManifestError> {
+        let mut out = Vec::new();
+        let dbs = self
+            .store
+            .list_with_delimiter(Some(&self.layout.databases()))
+            .await
+            .map_err(Self::err("*", "*"))?;
+        for db_prefix in dbs.common_prefixes {
+            let Some(db) = db_prefix.filename().map(decode) else {
+                continue;
+            };
+            let tables = self
+                .store
+                .list_with_delimiter(Some(&db_prefix.clone().join("tables")))
+                .await
+                .map_err(Self::err(&db, "*"))?;
+            for t in tables.common_prefixes {
+                if let Some(table) = t.filename() {
+                    out.push((db.clone(), decode(table)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Commits `next` as version `next.version`, which must be one above the last committed.
     /// Fails with [`ManifestError::Conflict`] if that version exists already.
     pub async fn commit(&self, next: &Manifest) -> Result<(), ManifestError> {
