@@ -308,7 +308,10 @@ pub(crate) mod tests {
         w.end(5);
         let mut b = Vec::new();
         let mut w = LineWriter::new(&mut b, "cpu");
-        w.tag("host", "h 1").tag("empty", "").tag("r", "x=y").f64("v", 100.0);
+        w.tag("host", "h 1")
+            .tag("empty", "")
+            .tag("r", "x=y")
+            .f64("v", 100.0);
         w.end(5);
         assert_eq!(a, b);
         assert_eq!(a, b"cpu,host=h\\ 1,r=x\\=y v=100 5\n");

@@ -169,10 +169,15 @@ mod tests {
 
     #[test]
     fn det_ln_is_accurate() {
-        for &x in &[1e-300, 1e-9, 0.001, 0.5, 1.0, 1.5, 2.0, 10.0, 12345.678, 1e300] {
+        for &x in &[
+            1e-300, 1e-9, 0.001, 0.5, 1.0, 1.5, 2.0, 10.0, 12345.678, 1e300,
+        ] {
             let want = f64::ln(x);
             let got = det_ln(x);
-            assert!((got - want).abs() <= 1e-14 * want.abs().max(1.0), "{x}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-14 * want.abs().max(1.0),
+                "{x}: {got} vs {want}"
+            );
         }
     }
 
