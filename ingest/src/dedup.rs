@@ -4,7 +4,10 @@
 //! takes its value from the latest write (highest `_seq`) that set it, as in InfluxDB.
 
 use arrow::array::{Array, ArrayRef, UInt32Array, new_null_array};
-use arrow::compute::{SortColumn, SortOptions, concat_batches, lexsort_to_indices, take};
+use arrow::array::AsArray;
+use arrow::compute::{SortOptions, concat_batches, take};
+use arrow::datatypes::UInt64Type;
+use arrow::row::{RowConverter, SortField};
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
@@ -46,7 +49,8 @@ fn is_key(field: &arrow::datatypes::Field) -> bool {
 /// and `_seq` columns.
 pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
     let schema = batch.schema();
-    if batch.num_rows() <= 1 {
+    let n = batch.num_rows();
+    if n <= 1 {
         return Ok(batch.clone());
     }
     let key_idx: Vec<usize> = schema
@@ -58,27 +62,45 @@ pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
         .chain(schema.index_of(TIME_COLUMN).ok())
         .collect();
     let seq_idx = schema.index_of(SEQ_COLUMN)?;
-    let mut sort_columns: Vec<SortColumn> = key_idx
-        .iter()
-        .map(|i| SortColumn {
-            values: batch.column(*i).clone(),
-            options: Some(SortOptions {
-                descending: false,
-                nulls_first: true,
-            }),
-        })
-        .collect();
-    sort_columns.push(SortColumn {
-        values: batch.column(seq_idx).clone(),
-        options: None,
+    let seq = batch
+        .column(seq_idx)
+        .as_primitive_opt::<UInt64Type>()
+        .ok_or_else(|| ArrowError::SchemaError("_seq must be UInt64".into()))?;
+    // The series key (tags, then time) in the row format compares as plain bytes, which
+    // sorts far faster than comparing ten dictionary columns one by one.
+    let converter = RowConverter::new(
+        key_idx
+            .iter()
+            .map(|i| {
+                SortField::new_with_options(
+                    schema.field(*i).data_type().clone(),
+                    SortOptions {
+                        descending: false,
+                        nulls_first: true,
+                    },
+                )
+            })
+            .collect(),
+    )?;
+    let key_columns: Vec<ArrayRef> = key_idx.iter().map(|i| batch.column(*i).clone()).collect();
+    let keys = converter.convert_columns(&key_columns)?;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.sort_unstable_by(|&a, &b| {
+        keys.row(a as usize)
+            .cmp(&keys.row(b as usize))
+            .then_with(|| seq.value(a as usize).cmp(&seq.value(b as usize)))
     });
-    let indices = lexsort_to_indices(&sort_columns, None)?;
-    let sorted_keys: Vec<ArrayRef> = key_idx
-        .iter()
-        .map(|i| take(batch.column(*i).as_ref(), &indices, None))
-        .collect::<Result<_, _>>()?;
-    let ranges = arrow::compute::partition(&sorted_keys)?.ranges();
-    if ranges.len() == batch.num_rows() {
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = 0;
+    for k in 1..n {
+        if keys.row(order[k] as usize) != keys.row(order[k - 1] as usize) {
+            ranges.push(start..k);
+            start = k;
+        }
+    }
+    ranges.push(start..n);
+    let indices = UInt32Array::from(order);
+    if ranges.len() == n {
         // No duplicates: one take per column.
         let columns: Vec<ArrayRef> = batch
             .columns()
