@@ -72,6 +72,9 @@ pub struct WriteConfig {
     pub buffer_limit_bytes: usize,
     /// Seconds a throttled client is told to wait.
     pub retry_after_secs: u64,
+    /// How long a write waits for a flush to free buffer space before it gets 503.
+    #[serde(with = "humantime_serde")]
+    pub full_buffer_wait: Duration,
 }
 
 impl Default for WriteConfig {
@@ -80,6 +83,7 @@ impl Default for WriteConfig {
             max_body_bytes: 64 << 20,
             buffer_limit_bytes: 1 << 30,
             retry_after_secs: 1,
+            full_buffer_wait: Duration::from_secs(10),
         }
     }
 }
@@ -248,6 +252,7 @@ impl Config {
             no_sync_interval: self.wal.no_sync_interval,
             commit_delay: self.wal.commit_delay,
             buffer_limit_bytes: self.write.buffer_limit_bytes,
+            full_buffer_wait: self.write.full_buffer_wait,
             persist: PersistConfig {
                 flush_bytes: self.persist.flush_bytes,
                 flush_age: self.persist.flush_age,

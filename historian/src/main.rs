@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+// glibc malloc keeps freed flush and request buffers in per-thread arenas; RSS then
+// grows far past what is in use. mimalloc returns memory to the OS.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod config;
 mod http;
 mod import;

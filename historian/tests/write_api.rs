@@ -336,7 +336,7 @@ async fn a_full_buffer_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(
         dir.path(),
-        "[write]\nbuffer_limit_bytes = 1\nretry_after_secs = 7\n[persist]\nflush_age = \"1h\"\nflush_bytes = 1000000000\n",
+        "[write]\nbuffer_limit_bytes = 1\nretry_after_secs = 7\nfull_buffer_wait = \"100ms\"\n[persist]\nflush_age = \"1h\"\nflush_bytes = 1000000000\n",
     );
     let c = reqwest::Client::new();
     let url = server.url("/api/v3/write_lp?db=d&precision=ns");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, UInt64Array};
+use arrow::array::{Array, ArrayRef, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use parking_lot::{Mutex, RwLock};
@@ -87,6 +87,16 @@ pub struct WriteBuffer {
     rows: AtomicUsize,
     limit_bytes: usize,
     metrics: Arc<IngestMetrics>,
+    freed: tokio::sync::Notify,
+}
+
+fn first_seq(batch: &RecordBatch) -> Option<u64> {
+    batch
+        .column_by_name(SEQ_COLUMN)?
+        .as_any()
+        .downcast_ref::<UInt64Array>()
+        .filter(|a| !a.is_empty())
+        .map(|a| a.value(0))
 }
 
 /// Appends the `_seq` column to a batch.
@@ -115,6 +125,7 @@ impl WriteBuffer {
             rows: AtomicUsize::new(0),
             limit_bytes,
             metrics,
+            freed: tokio::sync::Notify::new(),
         }
     }
 
@@ -209,13 +220,15 @@ impl WriteBuffer {
         out
     }
 
-    /// Moves a partition's active rows to persisting and returns them; None if there is
-    /// nothing to flush or a flush of it is already running.
+    /// Moves a partition's oldest active rows, up to about `max_bytes`, to persisting and
+    /// returns them; None if there is nothing to flush or a flush of it is already running.
+    /// Bounding the snapshot bounds the memory a flush needs to sort and encode it.
     pub fn begin_flush(
         &self,
         db: &str,
         table: &str,
         partition: PartitionKey,
+        max_bytes: usize,
     ) -> Option<FlushSnapshot> {
         let t = self.table(db, table);
         let mut parts = t.lock();
@@ -223,11 +236,26 @@ impl WriteBuffer {
         if p.active.is_empty() || !p.persisting.is_empty() {
             return None;
         }
-        p.persisting = std::mem::take(&mut p.active);
-        p.persisting_bytes = std::mem::take(&mut p.active_bytes);
+        // Batches are in sequence order, so taking a prefix keeps "every row of this
+        // partition up to max_seq is in the snapshot" true.
+        let mut taken_bytes = 0;
+        let mut take = 0;
+        while take < p.active.len() && (take == 0 || taken_bytes < max_bytes) {
+            taken_bytes += p.active[take].get_array_memory_size();
+            take += 1;
+        }
+        let rest = p.active.split_off(take);
+        p.persisting = std::mem::replace(&mut p.active, rest);
+        p.persisting_bytes = taken_bytes.min(p.active_bytes);
+        p.active_bytes -= p.persisting_bytes;
         p.persisting_min_seq = p.active_min_seq.take();
-        p.active_rows = 0;
-        p.oldest = None;
+        p.active_rows = p.active.iter().map(|b| b.num_rows()).sum();
+        p.active_min_seq = p.active.first().and_then(first_seq);
+        p.oldest = if p.active.is_empty() {
+            None
+        } else {
+            Some(Instant::now())
+        };
         let max_seq = p
             .persisting
             .last()
@@ -265,6 +293,22 @@ impl WriteBuffer {
             (bytes, rows)
         };
         self.account(-(bytes as isize), -(rows as isize));
+        self.freed.notify_waiters();
+    }
+
+    /// Waits until the buffer is below its limit, at most `timeout`; true if it is.
+    pub async fn wait_for_space(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.is_full() {
+            let notified = self.freed.notified();
+            if !self.is_full() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return !self.is_full();
+            }
+        }
+        true
     }
 
     /// Puts a failed flush's rows back in front of the active ones, to be retried.

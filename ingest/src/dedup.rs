@@ -3,14 +3,14 @@
 //! Rows of the same series (all tags equal) at the same time are one point; each field
 //! takes its value from the latest write (highest `_seq`) that set it, as in InfluxDB.
 
-use arrow::array::{Array, ArrayRef, UInt32Array, new_null_array};
 use arrow::array::AsArray;
+use arrow::array::{Array, ArrayRef, UInt32Array, new_null_array};
 use arrow::compute::{SortOptions, concat_batches, take};
-use arrow::datatypes::UInt64Type;
-use arrow::row::{RowConverter, SortField};
 use arrow::datatypes::SchemaRef;
+use arrow::datatypes::UInt64Type;
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
 use store::{ColumnType, SEQ_COLUMN, TIME_COLUMN};
 
 /// Reshapes a batch to `target`: columns by name, missing ones all NULL.

@@ -89,9 +89,10 @@ impl Default for PersistConfig {
         PersistConfig {
             flush_bytes: 64 << 20,
             flush_age: Duration::from_secs(60),
-            target_file_bytes: 256 << 20,
+            target_file_bytes: 32 << 20,
             max_files_per_partition: 4,
-            compaction_max_input_bytes: 256 << 20,
+            // Parquet expands ~6x in memory and compaction holds about three copies.
+            compaction_max_input_bytes: 32 << 20,
             deletion_grace: Duration::from_secs(600),
             closed_after: Duration::from_secs(600),
             flush_zstd_level: 1,
@@ -409,7 +410,10 @@ impl Persister {
         table: &str,
         partition: PartitionKey,
     ) -> Result<bool, PersistError> {
-        let Some(snapshot) = self.buffer.begin_flush(db, table, partition) else {
+        let Some(snapshot) = self
+            .buffer
+            .begin_flush(db, table, partition, self.config.flush_bytes)
+        else {
             return Ok(false);
         };
         match self.flush_snapshot(&snapshot).await {
@@ -492,45 +496,61 @@ impl Persister {
 
     /// Flushes what is due: partitions past the size or age threshold, or every partition
     /// when `force`; under memory pressure the largest first until below half the limit.
-    /// Then retires WAL segments and compacts.
+    /// Then retires WAL segments.
     pub async fn run_once(&self, force: bool) -> Result<(), PersistError> {
         let _guard = self.flush_lock.lock().await;
-        let mut candidates = self.buffer.candidates();
-        candidates.sort_by_key(|c| std::cmp::Reverse(c.bytes));
-        let mut pressure = self
-            .buffer
-            .bytes()
-            .saturating_sub(self.buffer.limit_bytes() / 2);
-        let mut touched: HashSet<TableKey> = HashSet::new();
         let mut first_error = None;
-        for c in candidates {
-            let due = force
-                || c.bytes >= self.config.flush_bytes
-                || c.age >= self.config.flush_age
-                || pressure > 0;
-            if !due {
-                continue;
-            }
-            pressure = pressure.saturating_sub(c.bytes);
-            let FlushCandidate {
-                db,
-                table,
-                partition,
-                ..
-            } = c;
-            match self.flush(&db, &table, partition).await {
-                Ok(_) => {
-                    touched.insert((db, table));
+        // A flush takes at most flush_bytes of a partition, so a big partition (or a
+        // forced flush of everything) takes several rounds.
+        for _round in 0..256 {
+            let mut candidates = self.buffer.candidates();
+            candidates.sort_by_key(|c| std::cmp::Reverse(c.bytes));
+            let mut pressure = self
+                .buffer
+                .bytes()
+                .saturating_sub(self.buffer.limit_bytes() / 2);
+            let mut flushed = 0;
+            for c in candidates {
+                let due = force
+                    || c.bytes >= self.config.flush_bytes
+                    || c.age >= self.config.flush_age
+                    || pressure > 0;
+                if !due {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(db, table, partition = %partition, error = %e, "flush failed; will retry");
-                    first_error.get_or_insert(e);
+                pressure = pressure.saturating_sub(c.bytes.min(self.config.flush_bytes));
+                let FlushCandidate {
+                    db,
+                    table,
+                    partition,
+                    ..
+                } = c;
+                match self.flush(&db, &table, partition).await {
+                    Ok(true) => flushed += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(db, table, partition = %partition, error = %e, "flush failed; will retry");
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
+            if flushed == 0 || first_error.is_some() {
+                break;
+            }
+            self.retire_wal();
         }
         self.retire_wal();
-        let tables: Vec<TableKey> = self.manifest_tables();
-        for (db, table) in tables {
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Compacts every table that needs it. Runs beside flushing, so a steady stream of
+    /// flushes cannot starve it.
+    pub async fn compact_all(&self) -> Result<(), PersistError> {
+        let mut first_error = None;
+        for (db, table) in self.manifest_tables() {
             if let Err(e) = self.compact(&db, &table).await {
                 tracing::error!(db, table, error = %e, "compaction failed; will retry");
                 first_error.get_or_insert(e);

@@ -26,8 +26,10 @@ pub struct IngestConfig {
     pub no_sync_interval: Duration,
     /// Group-commit wait under concurrency.
     pub commit_delay: Duration,
-    /// Buffer memory limit: past it, writes are refused with a retry hint.
+    /// Buffer memory limit: past it, writes wait for a flush, then are refused.
     pub buffer_limit_bytes: usize,
+    /// How long a write waits for buffer space before it is refused.
+    pub full_buffer_wait: Duration,
     /// Flush and compaction settings.
     pub persist: PersistConfig,
     /// How often the persister looks for work.
@@ -109,6 +111,7 @@ pub struct Ingester {
     /// Counters.
     pub metrics: Arc<IngestMetrics>,
     persist_interval: Duration,
+    full_buffer_wait: Duration,
 }
 
 fn now_ns() -> i64 {
@@ -195,13 +198,16 @@ impl Ingester {
             persister,
             metrics,
             persist_interval: config.persist_interval,
+            full_buffer_wait: config.full_buffer_wait,
         }))
     }
 
     /// Validates, logs and buffers one request; resolves when it may be acknowledged.
     pub async fn write(&self, req: WriteRequest<'_>) -> Result<WriteOutcome, WriteError> {
         self.metrics.write_requests.inc();
-        if self.buffer.is_full() {
+        // Under sustained overload writers first wait for a flush to make room (slower
+        // acknowledgements); only if none comes in time do they get "retry later".
+        if self.buffer.is_full() && !self.buffer.wait_for_space(self.full_buffer_wait).await {
             self.metrics.writes_throttled.inc();
             return Err(WriteError::BufferFull {
                 used: self.buffer.bytes(),
@@ -231,11 +237,16 @@ impl Ingester {
         })
     }
 
-    /// Runs flushing, compaction and retention until `shutdown` resolves.
-    pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    /// Runs flushing, and beside it compaction and retention, until `shutdown` resolves.
+    pub async fn run_background(self: Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        let maintenance = tokio::spawn(self.clone().run_maintenance(shutdown.clone()));
+        self.run_flushes(shutdown).await;
+        let _ = maintenance.await;
+    }
+
+    async fn run_flushes(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.persist_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sweeps = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -244,8 +255,27 @@ impl Ingester {
             if let Err(e) = self.persister.run_once(false).await {
                 tracing::warn!(error = %e, "persist cycle had errors");
             }
-            sweeps += 1;
-            if sweeps.is_multiple_of(10)
+            // Under memory pressure, start the next cycle at once.
+            if self.buffer.bytes() > self.buffer.limit_bytes() / 2 {
+                tick.reset_immediately();
+            }
+        }
+    }
+
+    async fn run_maintenance(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.persist_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if let Err(e) = self.persister.compact_all().await {
+                tracing::warn!(error = %e, "compaction had errors");
+            }
+            rounds += 1;
+            if rounds.is_multiple_of(10)
                 && let Err(e) = self.persister.sweep().await
             {
                 tracing::warn!(error = %e, "retention sweep failed");
