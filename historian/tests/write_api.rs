@@ -363,7 +363,7 @@ async fn metric(c: &reqwest::Client, server: &Server, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_keeps_fsyncs_under_a_tenth_of_writes_with_64_writers() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), FAST);

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod dedup;
 pub mod failpoint;
 pub mod line_protocol;
+pub mod merge;
 pub mod metrics;
 pub mod persist;
 pub mod wal;

@@ -12,7 +12,6 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parking_lot::Mutex;
 use parquet::arrow::AsyncArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -23,8 +22,9 @@ use store::{
 
 use crate::buffer::{FlushCandidate, FlushSnapshot, WriteBuffer};
 use crate::catalog::Catalog;
-use crate::dedup::{concat_aligned, filter_horizon, sort_dedup, stats};
+use crate::dedup::{BatchStats, concat_aligned, filter_horizon, sort_dedup, stats};
 use crate::failpoint;
+use crate::merge::SortedMerge;
 use crate::metrics::IngestMetrics;
 use crate::wal::Wal;
 
@@ -89,10 +89,10 @@ impl Default for PersistConfig {
         PersistConfig {
             flush_bytes: 64 << 20,
             flush_age: Duration::from_secs(60),
-            target_file_bytes: 32 << 20,
+            target_file_bytes: 256 << 20,
             max_files_per_partition: 4,
-            // Parquet expands ~6x in memory and compaction holds about three copies.
-            compaction_max_input_bytes: 32 << 20,
+            // The merge holds its inputs' compressed bytes and one decoded batch per input.
+            compaction_max_input_bytes: 512 << 20,
             deletion_grace: Duration::from_secs(600),
             closed_after: Duration::from_secs(600),
             flush_zstd_level: 1,
@@ -139,8 +139,7 @@ fn now_ms() -> i64 {
     now_ns() / 1_000_000
 }
 
-fn writer_props(batch: &RecordBatch, zstd_level: i32) -> WriterProperties {
-    let schema = batch.schema();
+fn writer_props(schema: &arrow::datatypes::Schema, zstd_level: i32) -> WriterProperties {
     // Sorted by tags then time, as the rows are.
     let sorting: Vec<SortingColumn> = schema
         .fields()
@@ -364,9 +363,12 @@ impl Persister {
             source,
         };
         let sink = BufWriter::new(self.lake.store.clone(), path.clone());
-        let mut writer =
-            AsyncArrowWriter::try_new(sink, batch.schema(), Some(writer_props(batch, zstd_level)))
-                .map_err(perr)?;
+        let mut writer = AsyncArrowWriter::try_new(
+            sink,
+            batch.schema(),
+            Some(writer_props(&batch.schema(), zstd_level)),
+        )
+        .map_err(perr)?;
         // Write in slices so a large batch streams out as several pages and parts.
         let step = 65_536;
         let mut offset = 0;
@@ -620,35 +622,20 @@ impl Persister {
         Ok(())
     }
 
-    async fn read_file(&self, path: &str) -> Result<Vec<RecordBatch>, PersistError> {
+    async fn read_bytes(&self, path: &str) -> Result<bytes::Bytes, PersistError> {
         let p = Path::from(path);
-        // Compaction input is bounded, so whole files are read into memory.
-        let bytes = self
-            .lake
-            .store
-            .get(&p)
-            .await
-            .map_err(|source| PersistError::Store {
-                path: path.to_string(),
-                source,
-            })?
-            .bytes()
-            .await
-            .map_err(|source| PersistError::Store {
-                path: path.to_string(),
-                source,
-            })?;
-        let perr = |source| PersistError::Parquet {
+        let err = |source| PersistError::Store {
             path: path.to_string(),
             source,
         };
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(perr)?
-            .build()
-            .map_err(perr)?;
-        reader
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| perr(e.into()))
+        self.lake
+            .store
+            .get(&p)
+            .await
+            .map_err(err)?
+            .bytes()
+            .await
+            .map_err(err)
     }
 
     async fn compact_files(
@@ -663,43 +650,117 @@ impl Persister {
         };
         let schema = t.schema();
         let target = schema.arrow_schema();
-        let mut batches = Vec::new();
+        let Some(key) = t.options.partition.parse_dir(partition) else {
+            return Ok(());
+        };
+        let mut inputs = Vec::with_capacity(chosen.len());
         for f in &chosen {
-            batches.extend(self.read_file(&f.path).await?);
+            inputs.push(self.read_bytes(&f.path).await?);
         }
         let horizon = t.options.horizon(now_ns());
-        let batch = tokio::task::spawn_blocking(move || -> Result<RecordBatch, PersistError> {
-            let all = concat_aligned(&batches, &target)?;
-            let live = filter_horizon(&all, horizon)?;
-            Ok(sort_dedup(&live)?)
-        })
-        .await
-        .map_err(|e| PersistError::Task(e.to_string()))??;
-        let new_file = if batch.num_rows() > 0 {
-            let s = stats(&batch);
-            let Some(key) = t.options.partition.parse_dir(partition) else {
-                return Ok(());
+        // The merge decodes on a blocking thread and hands sorted batches to the upload.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<RecordBatch, PersistError>>(2);
+        let merge_target = target.clone();
+        let merging = tokio::task::spawn_blocking(move || {
+            let run = || -> Result<(), PersistError> {
+                let mut merge = SortedMerge::new(inputs, merge_target)?;
+                while let Some(batch) = merge.next_batch()? {
+                    let live = filter_horizon(&batch, horizon)?;
+                    if live.num_rows() > 0 && tx.blocking_send(Ok(live)).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
             };
-            let id = format!("{:020}-c{}", s.max_seq, random_id());
-            let path = self.layout.data_file(db, table, &key, &id);
-            let bytes = self
-                .write_file(&path, &batch, self.config.compaction_zstd_level)
-                .await?;
-            self.metrics.files_compacted.inc();
-            Some(FileMeta {
-                path: path.to_string(),
-                partition: partition.to_string(),
-                rows: s.rows,
-                bytes,
-                min_time: s.min_time,
-                max_time: s.max_time,
-                min_seq: s.min_seq,
-                max_seq: s.max_seq,
-                schema_version: schema.version,
-                compacted: true,
-            })
-        } else {
-            None
+            if let Err(e) = run() {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        let max_seq = chosen.iter().map(|f| f.max_seq).max().unwrap_or(0);
+        let id = format!("{max_seq:020}-c{}", random_id());
+        let path = self.layout.data_file(db, table, &key, &id);
+        let perr = |source| PersistError::Parquet {
+            path: path.to_string(),
+            source,
+        };
+        let sink = BufWriter::new(self.lake.store.clone(), path.clone());
+        let mut writer = AsyncArrowWriter::try_new(
+            sink,
+            target.clone(),
+            Some(writer_props(&target, self.config.compaction_zstd_level)),
+        )
+        .map_err(perr)?;
+        let mut totals: Option<BatchStats> = None;
+        let mut failure: Option<PersistError> = None;
+        while let Some(next) = rx.recv().await {
+            let batch = match next {
+                Ok(b) => b,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            let s = stats(&batch);
+            totals = Some(match totals {
+                None => s,
+                Some(t) => BatchStats {
+                    rows: t.rows + s.rows,
+                    min_time: t.min_time.min(s.min_time),
+                    max_time: t.max_time.max(s.max_time),
+                    min_seq: t.min_seq.min(s.min_seq),
+                    max_seq: t.max_seq.max(s.max_seq),
+                },
+            });
+            if let Err(e) = writer.write(&batch).await {
+                failure = Some(perr(e));
+                break;
+            }
+        }
+        drop(rx);
+        let _ = merging.await;
+        if failure.is_none() && totals.is_some() {
+            if let Err(e) = writer.finish().await {
+                failure = Some(perr(e));
+            }
+        }
+        if failure.is_some() || totals.is_none() {
+            // Nothing (or nothing good) to publish: leave no partial upload behind.
+            let mut sink = writer.into_inner();
+            if let Err(abort) = sink.abort().await {
+                tracing::warn!(path = %path, error = %abort, "could not abort the compaction upload");
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        let new_file = match totals {
+            Some(s) => {
+                let bytes = self
+                    .lake
+                    .store
+                    .head(&path)
+                    .await
+                    .map_err(|source| PersistError::Store {
+                        path: path.to_string(),
+                        source,
+                    })?
+                    .size;
+                self.metrics.parquet_bytes_written.inc_by(bytes);
+                self.metrics.files_compacted.inc();
+                Some(FileMeta {
+                    path: path.to_string(),
+                    partition: partition.to_string(),
+                    rows: s.rows,
+                    bytes,
+                    min_time: s.min_time,
+                    max_time: s.max_time,
+                    min_seq: s.min_seq,
+                    max_seq: s.max_seq,
+                    schema_version: schema.version,
+                    compacted: true,
+                })
+            }
+            None => None,
         };
         let replaced: HashSet<String> = chosen.iter().map(|f| f.path.clone()).collect();
         let delete_after_ms = now_ms() + self.config.deletion_grace.as_millis() as i64;

@@ -576,6 +576,7 @@ struct WalThread {
 impl WalThread {
     fn run(&mut self, rx: mpsc::Receiver<WalRequest>) {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+        let mut last_group = 0usize;
         loop {
             let first = match rx.recv_timeout(self.config.no_sync_interval) {
                 Ok(r) => r,
@@ -597,7 +598,12 @@ impl WalThread {
                     Ok(r) => Some(r),
                     Err(mpsc::TryRecvError::Empty) => {
                         let now = Instant::now();
-                        if self.preparing.load(Ordering::Acquire) == 0 || now >= deadline {
+                        // Keep waiting while writers are mid-request, or until the group is as
+                        // large as the last one (the writers of that group are likely on
+                        // their way back with their next write).
+                        let expect_more = self.preparing.load(Ordering::Acquire) > 0
+                            || group.len() < last_group;
+                        if !expect_more || now >= deadline {
                             None
                         } else {
                             let step = (deadline - now).min(Duration::from_micros(200));
@@ -618,6 +624,7 @@ impl WalThread {
                     None => break,
                 }
             }
+            last_group = group.len();
             self.commit(group, &mut buf);
         }
         if self.unsynced {

@@ -1,0 +1,327 @@
+//! Streaming k-way merge of sorted Parquet files: the compaction step.
+//!
+//! Every input file is sorted by series key (tags, then time) and has no duplicate key.
+//! The merge walks all inputs at once and emits the union in the same order, merging rows
+//! of the same key field by field (the latest non-null value by `_seq` wins). It decodes
+//! one batch per input at a time, so memory is the inputs' compressed bytes plus a batch
+//! each, never the decoded partition.
+
+use arrow::array::{Array, ArrayRef, AsArray, UInt64Array};
+use arrow::compute::interleave;
+use arrow::datatypes::{SchemaRef, UInt64Type};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, Rows, SortField};
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use store::{ColumnType, SEQ_COLUMN, TIME_COLUMN};
+
+use crate::dedup::align;
+
+/// Rows per output batch and per input read.
+const BATCH_ROWS: usize = 8192;
+
+/// The current batch of one input.
+struct Cursor {
+    keys: Rows,
+    seq: UInt64Array,
+    rows: usize,
+    pos: usize,
+    /// Index of the batch in the merge's source list.
+    source: usize,
+}
+
+/// Merges sorted, internally deduplicated Parquet files into sorted batches of `target`.
+pub struct SortedMerge {
+    target: SchemaRef,
+    key_columns: Vec<usize>,
+    seq_column: usize,
+    converter: RowConverter,
+    readers: Vec<ParquetRecordBatchReader>,
+    cursors: Vec<Option<Cursor>>,
+    /// Batches that rows of the output chunk being built come from.
+    sources: Vec<RecordBatch>,
+}
+
+fn is_key_field(target: &SchemaRef, i: usize) -> bool {
+    let f = target.field(i);
+    f.name() == TIME_COLUMN || ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag)
+}
+
+fn external(e: parquet::errors::ParquetError) -> ArrowError {
+    ArrowError::ExternalError(Box::new(e))
+}
+
+impl SortedMerge {
+    /// Opens the merge over whole-file contents.
+    pub fn new(files: Vec<Bytes>, target: SchemaRef) -> Result<Self, ArrowError> {
+        let mut key_columns: Vec<usize> = (0..target.fields().len())
+            .filter(|i| is_key_field(&target, *i) && target.field(*i).name() != TIME_COLUMN)
+            .collect();
+        key_columns.extend(target.index_of(TIME_COLUMN).ok());
+        let seq_column = target.index_of(SEQ_COLUMN)?;
+        let converter = RowConverter::new(
+            key_columns
+                .iter()
+                .map(|i| {
+                    SortField::new_with_options(
+                        target.field(*i).data_type().clone(),
+                        arrow::compute::SortOptions {
+                            descending: false,
+                            nulls_first: true,
+                        },
+                    )
+                })
+                .collect(),
+        )?;
+        let readers = files
+            .into_iter()
+            .map(|bytes| {
+                ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .and_then(|b| b.with_batch_size(BATCH_ROWS).build())
+                    .map_err(external)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut merge = SortedMerge {
+            target,
+            key_columns,
+            seq_column,
+            converter,
+            cursors: readers.iter().map(|_| None).collect(),
+            readers,
+            sources: Vec::new(),
+        };
+        for i in 0..merge.readers.len() {
+            merge.load(i)?;
+        }
+        Ok(merge)
+    }
+
+    /// Loads the next non-empty batch of input `i` (or marks it done).
+    fn load(&mut self, i: usize) -> Result<(), ArrowError> {
+        self.cursors[i] = None;
+        while let Some(batch) = self.readers[i].next().transpose()? {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let batch = align(&batch, &self.target)?;
+            let key_arrays: Vec<ArrayRef> = self
+                .key_columns
+                .iter()
+                .map(|c| batch.column(*c).clone())
+                .collect();
+            let keys = self.converter.convert_columns(&key_arrays)?;
+            let seq = batch
+                .column(self.seq_column)
+                .as_primitive::<UInt64Type>()
+                .clone();
+            self.cursors[i] = Some(Cursor {
+                keys,
+                seq,
+                rows: batch.num_rows(),
+                pos: 0,
+                source: self.sources.len(),
+            });
+            self.sources.push(batch);
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// The next merged batch, or None when every input is exhausted.
+    pub fn next_batch(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
+        let columns = self.target.fields().len();
+        let mut picks: Vec<Vec<(usize, usize)>> = vec![Vec::with_capacity(BATCH_ROWS); columns];
+        let mut members: Vec<(u64, usize, usize)> = Vec::new();
+        let mut emitted = 0;
+        while emitted < BATCH_ROWS {
+            // The smallest key among the inputs, and every input holding that key.
+            let mut min: Option<usize> = None;
+            for (i, c) in self.cursors.iter().enumerate() {
+                let Some(c) = c else { continue };
+                min = match min {
+                    None => Some(i),
+                    Some(m) => {
+                        let mc = self.cursors[m].as_ref().expect("min is live");
+                        if c.keys.row(c.pos) < mc.keys.row(mc.pos) {
+                            Some(i)
+                        } else {
+                            Some(m)
+                        }
+                    }
+                };
+            }
+            let Some(m) = min else { break };
+            members.clear();
+            {
+                let mc = self.cursors[m].as_ref().expect("min is live");
+                let key = mc.keys.row(mc.pos);
+                for c in self.cursors.iter().flatten() {
+                    if c.keys.row(c.pos) == key {
+                        members.push((c.seq.value(c.pos), c.source, c.pos));
+                    }
+                }
+            }
+            if members.len() == 1 {
+                let (_, s, r) = members[0];
+                for p in picks.iter_mut() {
+                    p.push((s, r));
+                }
+            } else {
+                members.sort_unstable_by_key(|(seq, _, _)| *seq);
+                let &(_, ls, lr) = members.last().expect("non-empty");
+                for (col, p) in picks.iter_mut().enumerate() {
+                    if col == self.seq_column || is_key_field(&self.target, col) {
+                        p.push((ls, lr));
+                    } else {
+                        let chosen = members
+                            .iter()
+                            .rev()
+                            .find(|(_, s, r)| self.sources[*s].column(col).is_valid(*r))
+                            .map(|(_, s, r)| (*s, *r))
+                            .unwrap_or((ls, lr));
+                        p.push(chosen);
+                    }
+                }
+            }
+            emitted += 1;
+            // Advance every input that held the key.
+            let key_sources: Vec<usize> = members.iter().map(|(_, s, _)| *s).collect();
+            for i in 0..self.cursors.len() {
+                let done = match &mut self.cursors[i] {
+                    Some(c) if key_sources.contains(&c.source) => {
+                        c.pos += 1;
+                        c.pos >= c.rows
+                    }
+                    _ => false,
+                };
+                if done {
+                    self.load(i)?;
+                }
+            }
+        }
+        if emitted == 0 {
+            return Ok(None);
+        }
+        let arrays: Vec<ArrayRef> = (0..columns)
+            .map(|col| {
+                let values: Vec<&dyn Array> = self
+                    .sources
+                    .iter()
+                    .map(|b| b.column(col).as_ref())
+                    .collect();
+                interleave(&values, &picks[col])
+            })
+            .collect::<Result<_, _>>()?;
+        // Keep only the batches the cursors still read from, renumbered.
+        let mut kept = Vec::new();
+        for c in self.cursors.iter_mut().flatten() {
+            kept.push(self.sources[c.source].clone());
+            c.source = kept.len() - 1;
+        }
+        self.sources = kept;
+        RecordBatch::try_new(self.target.clone(), arrays).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::sort_dedup;
+    use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use parquet::arrow::ArrowWriter;
+    use std::sync::Arc;
+    use store::{ColumnType as CT, TableSchema};
+
+    fn file(rows: &[(&str, i64, Option<f64>, Option<f64>, u64)], target: &SchemaRef) -> Bytes {
+        let plain = Arc::new(Schema::new(vec![
+            Field::new("host", DataType::Utf8, true),
+            Field::new("time", CT::Time.data_type(), false),
+            Field::new("a", DataType::Float64, true),
+            Field::new("b", DataType::Float64, true),
+            Field::new("_seq", DataType::UInt64, false),
+        ]));
+        let b = RecordBatch::try_new(
+            plain,
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(TimestampNanosecondArray::from_iter_values(
+                    rows.iter().map(|r| r.1),
+                )),
+                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
+                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.3))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.4))),
+            ],
+        )
+        .unwrap();
+        let b = sort_dedup(&align(&b, target).unwrap()).unwrap();
+        let mut out = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut out, b.schema(), None).unwrap();
+        w.write(&b).unwrap();
+        w.close().unwrap();
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn merging_files_equals_sorting_and_deduplicating_their_union() {
+        let mut schema = TableSchema::new();
+        schema.add_column("host", CT::Tag);
+        schema.add_column("a", CT::Float);
+        schema.add_column("b", CT::Float);
+        let target = schema.arrow_schema();
+        // Pseudo-random rows over a small key space so files overlap and collide.
+        let mut x = 7u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            x >> 33
+        };
+        let hosts = ["h0", "h1", "h2", "h3"];
+        let mut all = Vec::new();
+        let mut files = Vec::new();
+        let mut seq = 0;
+        for _ in 0..5 {
+            let mut rows = Vec::new();
+            for _ in 0..20_000 {
+                seq += 1;
+                let h = hosts[(next() % 4) as usize];
+                let t = (next() % 3000) as i64;
+                let a = (next() % 3 != 0).then(|| (next() % 100) as f64);
+                let b = (next() % 2 == 0).then(|| (next() % 100) as f64);
+                rows.push((h, t, a, b, seq));
+            }
+            files.push(file(&rows, &target));
+            all.extend(rows);
+        }
+        let expected = {
+            let f = file(&all, &target);
+            let r = ParquetRecordBatchReaderBuilder::try_new(f)
+                .unwrap()
+                .build()
+                .unwrap();
+            let batches: Vec<RecordBatch> = r.collect::<Result<_, _>>().unwrap();
+            arrow::compute::concat_batches(&target, &batches).unwrap()
+        };
+        let mut merge = SortedMerge::new(files, target.clone()).unwrap();
+        let mut out = Vec::new();
+        while let Some(b) = merge.next_batch().unwrap() {
+            assert!(b.num_rows() <= BATCH_ROWS);
+            out.push(b);
+        }
+        let got = arrow::compute::concat_batches(&target, &out).unwrap();
+        assert_eq!(got.num_rows(), expected.num_rows());
+        for c in 0..target.fields().len() {
+            let (g, e) = (got.column(c), expected.column(c));
+            let g = arrow::compute::cast(g, &DataType::Utf8).unwrap();
+            let e = arrow::compute::cast(e, &DataType::Utf8).unwrap();
+            assert_eq!(
+                g.as_string::<i32>(),
+                e.as_string::<i32>(),
+                "column {}",
+                target.field(c).name()
+            );
+        }
+    }
+}
