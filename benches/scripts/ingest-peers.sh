@@ -56,6 +56,15 @@ for run in $ONLY; do
         [ "$run" = historian-nosync ] && endpoint="$endpoint&no_sync=true"
         load "$run" 18181 "$endpoint"
         curl -s http://127.0.0.1:18181/metrics | grep -E '^historian_(wal_fsyncs|write_requests|writes_throttled|files|partitions)' >&2 || true
+        # Files per partition in the latest manifest, before the final flush adds any.
+        python3 - "$WORK/$run/lake/databases/bench/manifest/cpu" <<'PY' >&2 || true
+import json, os, sys, collections
+d = sys.argv[1]
+latest = sorted(f for f in os.listdir(d) if f.endswith(".json"))[-1]
+m = json.load(open(os.path.join(d, latest)))
+counts = collections.Counter(f["partition"] for f in m["files"])
+print("files per partition:", dict(sorted(counts.items())), "max", max(counts.values()))
+PY
         stop_server
         ;;
     victoriametrics)
