@@ -601,8 +601,8 @@ impl WalThread {
                         // Keep waiting while writers are mid-request, or until the group is as
                         // large as the last one (the writers of that group are likely on
                         // their way back with their next write).
-                        let expect_more = self.preparing.load(Ordering::Acquire) > 0
-                            || group.len() < last_group;
+                        let expect_more =
+                            self.preparing.load(Ordering::Acquire) > 0 || group.len() < last_group;
                         if !expect_more || now >= deadline {
                             None
                         } else {
