@@ -234,7 +234,10 @@ mod tests {
     use std::sync::Arc;
     use store::{ColumnType as CT, TableSchema};
 
-    fn file(rows: &[(&str, i64, Option<f64>, Option<f64>, u64)], target: &SchemaRef) -> Bytes {
+    /// host, time, a, b, _seq
+    type Row<'a> = (&'a str, i64, Option<f64>, Option<f64>, u64);
+
+    fn file(rows: &[Row<'_>], target: &SchemaRef) -> Bytes {
         let plain = Arc::new(Schema::new(vec![
             Field::new("host", DataType::Utf8, true),
             Field::new("time", CT::Time.data_type(), false),

@@ -718,10 +718,11 @@ impl Persister {
         }
         drop(rx);
         let _ = merging.await;
-        if failure.is_none() && totals.is_some() {
-            if let Err(e) = writer.finish().await {
-                failure = Some(perr(e));
-            }
+        if failure.is_none()
+            && totals.is_some()
+            && let Err(e) = writer.finish().await
+        {
+            failure = Some(perr(e));
         }
         if failure.is_some() || totals.is_none() {
             // Nothing (or nothing good) to publish: leave no partial upload behind.
