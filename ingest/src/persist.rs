@@ -600,15 +600,27 @@ impl Persister {
             if files.len() <= limit {
                 continue;
             }
+            let files_count = files.len();
             let mut small: Vec<FileMeta> = files
                 .into_iter()
                 .filter(|f| f.bytes < self.config.target_file_bytes)
                 .collect();
             small.sort_by_key(|f| f.bytes);
+            // A partition still being written merges only its smallest files, just enough
+            // to get back under the limit: re-merging its big file at every flush would
+            // cost work quadratic in the partition's size. A closed one merges them all.
+            let wanted = if closed {
+                usize::MAX
+            } else {
+                (files_count - limit + 1).max(2)
+            };
             let mut chosen = Vec::new();
             let mut total = 0;
             for f in small {
-                if total + f.bytes > self.config.compaction_max_input_bytes && chosen.len() >= 2 {
+                if chosen.len() >= wanted
+                    || (total + f.bytes > self.config.compaction_max_input_bytes
+                        && chosen.len() >= 2)
+                {
                     break;
                 }
                 total += f.bytes;
