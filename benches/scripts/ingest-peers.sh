@@ -14,6 +14,10 @@ DURATION="${DURATION:-60s}"
 CONNECTIONS="${CONNECTIONS:-16}"
 BATCH="${BATCH:-5000}"
 HOSTS="${HOSTS:-1000}"
+# GZIP=1 sends gzip bodies; with ROWS=N every body is compressed before the run (use it with
+# GZIP, so that compression does not compete with the server during the measurement).
+GZIP="${GZIP:-}"
+ROWS="${ROWS:-}"
 ONLY="${ONLY:-historian historian-nosync victoriametrics influxdb}"
 WORK="$(mktemp -d /var/tmp/ingest-peers.XXXXXX)"
 RESULTS="$WORK/results.jsonl"
@@ -37,10 +41,14 @@ stop_server() {
 
 load() {
     local name="$1" port="$2" endpoint="$3"
-    echo "== $name: $CONNECTIONS connections x $BATCH rows/request, $DURATION" >&2
+    local length=(--duration "$DURATION")
+    [ -n "$ROWS" ] && length=(--rows "$ROWS")
+    local gzip=()
+    [ -n "$GZIP" ] && gzip=(--gzip)
+    echo "== $name: $CONNECTIONS connections x $BATCH rows/request, ${length[*]} ${gzip[*]}" >&2
     "$BIN/historian-loadgen" --url "http://127.0.0.1:$port" --endpoint "$endpoint" \
         --connections "$CONNECTIONS" --batch-size "$BATCH" --hosts "$HOSTS" \
-        --duration "$DURATION" --pid "$SERVER_PID" --json \
+        "${length[@]}" "${gzip[@]}" --pid "$SERVER_PID" --json \
         | sed "s/^{/{\"server\":\"$name\",/" | tee -a "$RESULTS"
 }
 
