@@ -15,11 +15,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use ingest::buffer::with_seq;
 use ingest::dedup::{concat_aligned, sort_dedup};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::metadata::SortingColumn;
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use store::{ColumnType, TIME_COLUMN, TableSchema};
+use store::{ColumnType, TableSchema};
 
 /// Hosts reporting; every host sends one row per timestamp.
 const HOSTS: usize = 1_000;
@@ -200,31 +198,9 @@ fn sort(batches: &[RecordBatch], target: &SchemaRef) -> RecordBatch {
     sort_dedup(&all).expect("the batch has time and _seq")
 }
 
-/// `persist::writer_props`, replicated: it is private to the persister.
+/// The persister's own Parquet settings.
 fn writer_props(batch: &RecordBatch, zstd_level: i32) -> WriterProperties {
-    let schema = batch.schema();
-    let sorting: Vec<SortingColumn> = schema
-        .fields()
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
-        .map(|(i, _)| i)
-        .chain(schema.index_of(TIME_COLUMN).ok())
-        .map(|i| SortingColumn {
-            column_idx: i as i32,
-            descending: false,
-            nulls_first: true,
-        })
-        .collect();
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(zstd_level).unwrap_or_default(),
-        ))
-        .set_dictionary_enabled(true)
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_sorting_columns(Some(sorting))
-        .set_max_row_group_row_count(Some(1 << 20))
-        .build()
+    ingest::persist::writer_props(&batch.schema(), zstd_level)
 }
 
 /// The second half of a flush: the batch as a Parquet file, written in slices as

@@ -197,7 +197,13 @@ impl Catalog {
                 self.limits.max_tables_per_db
             ));
         }
-        let t = Arc::new(TableCatalog {
+        let t = self.new_table(db, table);
+        tables.insert(table.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn new_table(&self, db: &str, table: &str) -> Arc<TableCatalog> {
+        Arc::new(TableCatalog {
             db: db.to_string(),
             name: table.to_string(),
             options: self.options_for(table),
@@ -205,9 +211,7 @@ impl Catalog {
                 schema: TableSchema::new(),
                 series: HashSet::new(),
             }),
-        });
-        tables.insert(table.to_string(), t.clone());
-        Ok(t)
+        })
     }
 
     /// Restores a table from a stored schema (manifest or WAL), bypassing limits.
@@ -221,17 +225,7 @@ impl Catalog {
                 let mut tables = dbc.tables.write();
                 tables
                     .entry(table.to_string())
-                    .or_insert_with(|| {
-                        Arc::new(TableCatalog {
-                            db: db.to_string(),
-                            name: table.to_string(),
-                            options: self.options_for(table),
-                            state: Mutex::new(TableState {
-                                schema: TableSchema::new(),
-                                series: HashSet::new(),
-                            }),
-                        })
-                    })
+                    .or_insert_with(|| self.new_table(db, table))
                     .clone()
             }
         };

@@ -139,7 +139,9 @@ fn now_ms() -> i64 {
     now_ns() / 1_000_000
 }
 
-fn writer_props(schema: &arrow::datatypes::Schema, zstd_level: i32) -> WriterProperties {
+/// The Parquet settings of every file the persister writes: zstd at `zstd_level`,
+/// dictionaries, page statistics (page indexes), and the tags-then-time sort order recorded.
+pub fn writer_props(schema: &arrow::datatypes::Schema, zstd_level: i32) -> WriterProperties {
     // Sorted by tags then time, as the rows are.
     let sorting: Vec<SortingColumn> = schema
         .fields()

@@ -203,32 +203,16 @@ impl ManifestStore {
 
     /// Databases and tables that have a manifest.
     pub async fn list_tables(&self) -> Result<Vec<(String, String)>, ManifestError> {
-        let mut out = Vec::new();
-        let dbs = self
-            .store
-            .list_with_delimiter(Some(&self.layout.databases()))
-            .await
-            .map_err(Self::err("*", "*"))?;
-        for db_prefix in dbs.common_prefixes {
-            let Some(db) = db_prefix.filename().map(decode) else {
-                continue;
-            };
-            let tables = self
-                .store
-                .list_with_delimiter(Some(&db_prefix.clone().join("manifest")))
-                .await
-                .map_err(Self::err(&db, "*"))?;
-            for t in tables.common_prefixes {
-                if let Some(table) = t.filename() {
-                    out.push((db.clone(), decode(table)));
-                }
-            }
-        }
-        Ok(out)
+        self.list_per_database("manifest").await
     }
 
     /// Databases and tables that have a data directory (with or without a manifest).
     pub async fn list_table_dirs(&self) -> Result<Vec<(String, String)>, ManifestError> {
+        self.list_per_database("tables").await
+    }
+
+    /// (database, name) of every directory under `databases/<db>/<kind>/`.
+    async fn list_per_database(&self, kind: &str) -> Result<Vec<(String, String)>, ManifestError> {
         let mut out = Vec::new();
         let dbs = self
             .store
@@ -241,7 +225,7 @@ impl ManifestStore {
             };
             let tables = self
                 .store
-                .list_with_delimiter(Some(&db_prefix.clone().join("tables")))
+                .list_with_delimiter(Some(&db_prefix.clone().join(kind)))
                 .await
                 .map_err(Self::err(&db, "*"))?;
             for t in tables.common_prefixes {
