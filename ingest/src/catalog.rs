@@ -627,3 +627,81 @@ impl BatchBuilder {
             .expect("columns are built to the same length and their declared types")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::line_protocol::parse_lines;
+
+    fn catalog() -> Catalog {
+        Catalog::new(Limits::default(), HashMap::new())
+    }
+
+    fn validate(c: &Catalog, body: &str) -> ValidatedWrite {
+        c.validate(
+            "db",
+            parse_lines(body.as_bytes()),
+            Precision::Nanosecond,
+            1_000,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_line_is_all_or_nothing_and_adds_no_column_when_rejected() {
+        let c = catalog();
+        let v = validate(&c, "m,t=a x=1i 1\nm,t=a y=2,x=1.5 2\n");
+        assert_eq!(v.lines_accepted, 1);
+        assert_eq!(v.rejected.len(), 1);
+        assert_eq!(v.rejected[0].line_number, 2);
+        assert_eq!(v.rejected[0].column.as_deref(), Some("x"));
+        let schema = c.table("db", "m").unwrap().schema();
+        assert_eq!(
+            schema.column_type("y"),
+            None,
+            "the rejected line's new column was not added"
+        );
+        assert_eq!(v.rows(), 1);
+    }
+
+    #[test]
+    fn a_name_used_as_tag_and_field_is_refused() {
+        let c = catalog();
+        let v = validate(&c, "m,k=a k=1 1\n");
+        assert_eq!(v.lines_accepted, 0);
+        assert!(v.rejected[0].reason.contains("both a tag and a field"));
+        // Once a tag, a later field of that name conflicts with its type.
+        let v = validate(&c, "m,k=a v=1 1\nm k=2 2\n");
+        assert_eq!(v.lines_accepted, 1);
+        assert_eq!(v.rejected[0].column.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn rows_are_split_by_partition_and_tag_order_does_not_make_a_new_series() {
+        let c = catalog();
+        let day = 86_400_000_000_000i64;
+        let body = format!("m,a=1,b=2 v=1 1\nm,b=2,a=1 v=2 {}\n", day + 1);
+        let v = validate(&c, &body);
+        assert_eq!(v.writes.len(), 2, "two day partitions");
+        assert_eq!(c.table("db", "m").unwrap().series_count(), 1);
+        let names: Vec<String> = v.writes[0]
+            .batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(names, ["a", "b", "time", "v"]);
+    }
+
+    #[test]
+    fn reserved_names_and_bad_databases_are_refused() {
+        let c = catalog();
+        let v = validate(&c, "m _seq=1 1\n");
+        assert!(v.rejected[0].reason.contains("reserved"));
+        assert!(
+            c.validate("../x", parse_lines(b"m v=1"), Precision::Nanosecond, 0)
+                .is_err()
+        );
+    }
+}
