@@ -154,6 +154,19 @@ pub struct BatchStats {
     pub max_seq: u64,
 }
 
+impl BatchStats {
+    /// The statistics of two batches together.
+    pub fn merge(self, other: BatchStats) -> BatchStats {
+        BatchStats {
+            rows: self.rows + other.rows,
+            min_time: self.min_time.min(other.min_time),
+            max_time: self.max_time.max(other.max_time),
+            min_seq: self.min_seq.min(other.min_seq),
+            max_seq: self.max_seq.max(other.max_seq),
+        }
+    }
+}
+
 /// Computes [`BatchStats`].
 pub fn stats(batch: &RecordBatch) -> BatchStats {
     use arrow::array::{TimestampNanosecondArray, UInt64Array};

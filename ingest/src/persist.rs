@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
@@ -190,6 +191,9 @@ fn remove_local_temp_files(dir: &std::path::Path) {
     }
 }
 
+/// A Parquet file being uploaded to the lake.
+type ParquetUpload = AsyncArrowWriter<BufWriter>;
+
 fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -354,23 +358,72 @@ impl Persister {
         Ok(next)
     }
 
+    /// Starts a Parquet upload to `path` with the persister's settings.
+    fn open_upload(
+        &self,
+        path: &Path,
+        schema: SchemaRef,
+        zstd_level: i32,
+    ) -> Result<ParquetUpload, PersistError> {
+        let sink = BufWriter::new(self.lake.store.clone(), path.clone());
+        let props = writer_props(&schema, zstd_level);
+        AsyncArrowWriter::try_new(sink, schema, Some(props)).map_err(|source| {
+            PersistError::Parquet {
+                path: path.to_string(),
+                source,
+            }
+        })
+    }
+
+    /// Ends an upload. `publish` says how writing went: `Ok(true)` finishes the file and
+    /// returns its size; `Ok(false)` (nothing to publish) or an error aborts the upload, so
+    /// no half-finished multipart upload is left on object storage.
+    async fn close_upload(
+        &self,
+        path: &Path,
+        mut writer: ParquetUpload,
+        publish: Result<bool, PersistError>,
+    ) -> Result<Option<u64>, PersistError> {
+        let outcome = match publish {
+            Ok(true) => {
+                writer
+                    .finish()
+                    .await
+                    .map(|_| true)
+                    .map_err(|source| PersistError::Parquet {
+                        path: path.to_string(),
+                        source,
+                    })
+            }
+            other => other,
+        };
+        if !matches!(outcome, Ok(true)) {
+            let mut sink = writer.into_inner();
+            if let Err(abort) = sink.abort().await {
+                tracing::warn!(path = %path, error = %abort, "could not abort the upload");
+            }
+            return outcome.map(|_| None);
+        }
+        let meta = self
+            .lake
+            .store
+            .head(path)
+            .await
+            .map_err(|source| PersistError::Store {
+                path: path.to_string(),
+                source,
+            })?;
+        self.metrics.parquet_bytes_written.inc_by(meta.size);
+        Ok(Some(meta.size))
+    }
+
     async fn write_file(
         &self,
         path: &Path,
         batch: &RecordBatch,
         zstd_level: i32,
     ) -> Result<u64, PersistError> {
-        let perr = |source| PersistError::Parquet {
-            path: path.to_string(),
-            source,
-        };
-        let sink = BufWriter::new(self.lake.store.clone(), path.clone());
-        let mut writer = AsyncArrowWriter::try_new(
-            sink,
-            batch.schema(),
-            Some(writer_props(&batch.schema(), zstd_level)),
-        )
-        .map_err(perr)?;
+        let mut writer = self.open_upload(path, batch.schema(), zstd_level)?;
         // Write in slices so a large batch streams out as several pages and parts.
         let step = 65_536;
         let mut offset = 0;
@@ -383,28 +436,14 @@ impl Persister {
                 failpoint::hit("parquet_upload");
             }
         }
-        if result.is_ok() {
-            result = writer.finish().await.map(|_| ());
-        }
-        if let Err(e) = result {
-            // Leave no half-finished multipart upload behind on object storage.
-            let mut sink = writer.into_inner();
-            if let Err(abort) = sink.abort().await {
-                tracing::warn!(path = %path, error = %abort, "could not abort the failed upload");
-            }
-            return Err(perr(e));
-        }
-        let meta = self
-            .lake
-            .store
-            .head(path)
-            .await
-            .map_err(|source| PersistError::Store {
+        let publish = result
+            .map(|_| true)
+            .map_err(|source| PersistError::Parquet {
                 path: path.to_string(),
                 source,
-            })?;
-        self.metrics.parquet_bytes_written.inc_by(meta.size);
-        Ok(meta.size)
+            });
+        // Publishing always yields a size; None only follows an error, returned above.
+        Ok(self.close_upload(path, writer, publish).await?.unwrap_or(0))
     }
 
     /// Writes one partition's buffered rows to a Parquet file and commits it.
@@ -693,17 +732,8 @@ impl Persister {
         let max_seq = chosen.iter().map(|f| f.max_seq).max().unwrap_or(0);
         let id = format!("{max_seq:020}-c{}", random_id());
         let path = self.layout.data_file(db, table, &key, &id);
-        let perr = |source| PersistError::Parquet {
-            path: path.to_string(),
-            source,
-        };
-        let sink = BufWriter::new(self.lake.store.clone(), path.clone());
-        let mut writer = AsyncArrowWriter::try_new(
-            sink,
-            target.clone(),
-            Some(writer_props(&target, self.config.compaction_zstd_level)),
-        )
-        .map_err(perr)?;
+        let mut writer =
+            self.open_upload(&path, target.clone(), self.config.compaction_zstd_level)?;
         let mut totals: Option<BatchStats> = None;
         let mut failure: Option<PersistError> = None;
         while let Some(next) = rx.recv().await {
@@ -715,68 +745,37 @@ impl Persister {
                 }
             };
             let s = stats(&batch);
-            totals = Some(match totals {
-                None => s,
-                Some(t) => BatchStats {
-                    rows: t.rows + s.rows,
-                    min_time: t.min_time.min(s.min_time),
-                    max_time: t.max_time.max(s.max_time),
-                    min_seq: t.min_seq.min(s.min_seq),
-                    max_seq: t.max_seq.max(s.max_seq),
-                },
-            });
-            if let Err(e) = writer.write(&batch).await {
-                failure = Some(perr(e));
+            totals = Some(totals.map_or(s, |t| t.merge(s)));
+            if let Err(source) = writer.write(&batch).await {
+                failure = Some(PersistError::Parquet {
+                    path: path.to_string(),
+                    source,
+                });
                 break;
             }
         }
         drop(rx);
         let _ = merging.await;
-        if failure.is_none()
-            && totals.is_some()
-            && let Err(e) = writer.finish().await
-        {
-            failure = Some(perr(e));
-        }
-        if failure.is_some() || totals.is_none() {
-            // Nothing (or nothing good) to publish: leave no partial upload behind.
-            let mut sink = writer.into_inner();
-            if let Err(abort) = sink.abort().await {
-                tracing::warn!(path = %path, error = %abort, "could not abort the compaction upload");
-            }
-            if let Some(e) = failure {
-                return Err(e);
-            }
-        }
-        let new_file = match totals {
-            Some(s) => {
-                let bytes = self
-                    .lake
-                    .store
-                    .head(&path)
-                    .await
-                    .map_err(|source| PersistError::Store {
-                        path: path.to_string(),
-                        source,
-                    })?
-                    .size;
-                self.metrics.parquet_bytes_written.inc_by(bytes);
-                self.metrics.files_compacted.inc();
-                Some(FileMeta {
-                    path: path.to_string(),
-                    partition: partition.to_string(),
-                    rows: s.rows,
-                    bytes,
-                    min_time: s.min_time,
-                    max_time: s.max_time,
-                    min_seq: s.min_seq,
-                    max_seq: s.max_seq,
-                    schema_version: schema.version,
-                    compacted: true,
-                })
-            }
-            None => None,
+        let publish = match failure {
+            Some(e) => Err(e),
+            None => Ok(totals.is_some()),
         };
+        let bytes = self.close_upload(&path, writer, publish).await?;
+        let new_file = totals.zip(bytes).map(|(s, bytes)| {
+            self.metrics.files_compacted.inc();
+            FileMeta {
+                path: path.to_string(),
+                partition: partition.to_string(),
+                rows: s.rows,
+                bytes,
+                min_time: s.min_time,
+                max_time: s.max_time,
+                min_seq: s.min_seq,
+                max_seq: s.max_seq,
+                schema_version: schema.version,
+                compacted: true,
+            }
+        });
         let replaced: HashSet<String> = chosen.iter().map(|f| f.path.clone()).collect();
         let delete_after_ms = now_ms() + self.config.deletion_grace.as_millis() as i64;
         let new_path = new_file.as_ref().map(|f| f.path.clone());
