@@ -235,36 +235,28 @@ impl Catalog {
 
     /// Counts the series of replayed rows so that limits hold across restarts.
     pub fn note_series(&self, table: &TableCatalog, batch: &RecordBatch) {
-        let tag_cols: Vec<&ArrayRef> = batch
-            .schema()
+        // The tag columns as plain strings, with their names, found once per batch.
+        let schema = batch.schema();
+        let tags: Vec<(&str, ArrayRef)> = schema
             .fields()
             .iter()
             .zip(batch.columns())
             .filter(|(f, _)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
-            .map(|(_, c)| c)
+            .filter_map(|(f, c)| {
+                let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok()?;
+                Some((f.name().as_str(), c))
+            })
+            .collect();
+        let tags: Vec<(&str, &arrow::array::StringArray)> = tags
+            .iter()
+            .filter_map(|(name, c)| Some((*name, c.as_any().downcast_ref()?)))
             .collect();
         let mut state = table.state.lock();
-        let converted: Vec<_> = tag_cols
-            .iter()
-            .filter_map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok())
-            .collect();
         for row in 0..batch.num_rows() {
             let mut series = 0u64;
-            for (name, col) in batch
-                .schema()
-                .fields()
-                .iter()
-                .filter(|f| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
-                .zip(&converted)
-            {
-                if let Some(col) = col.as_any().downcast_ref::<arrow::array::StringArray>()
-                    && arrow::array::Array::is_valid(col, row)
-                {
-                    let mut h = self.hasher.build_hasher();
-                    h.write(name.name().as_bytes());
-                    h.write_u8(0xff);
-                    h.write(col.value(row).as_bytes());
-                    series = series.wrapping_add(h.finish());
+            for (name, col) in &tags {
+                if arrow::array::Array::is_valid(*col, row) {
+                    series = series.wrapping_add(self.tag_hash(name, col.value(row)));
                 }
             }
             state.series.insert(series);
@@ -465,13 +457,18 @@ impl Catalog {
     fn series_hash(&self, line: &ParsedLine<'_>) -> u64 {
         // Tag order in a line is arbitrary and the series is the set: combine per-tag
         // hashes with a commutative sum instead of sorting.
-        line.tags.iter().fold(0u64, |acc, (k, v)| {
-            let mut h = self.hasher.build_hasher();
-            h.write(k.as_bytes());
-            h.write_u8(0xff);
-            h.write(v.as_bytes());
-            acc.wrapping_add(h.finish())
-        })
+        line.tags
+            .iter()
+            .fold(0u64, |acc, (k, v)| acc.wrapping_add(self.tag_hash(k, v)))
+    }
+
+    /// One tag's share of a series hash; live writes and WAL replay must agree on it.
+    fn tag_hash(&self, key: &str, value: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(key.as_bytes());
+        h.write_u8(0xff);
+        h.write(value.as_bytes());
+        h.finish()
     }
 }
 
