@@ -16,18 +16,7 @@ fn tsbs_cpu_body() -> Vec<u8> {
         ("us-east-1", "us-east-1b"),
         ("ap-southeast-2", "ap-southeast-2a"),
     ];
-    const FIELDS: [&str; 10] = [
-        "usage_user",
-        "usage_system",
-        "usage_idle",
-        "usage_nice",
-        "usage_iowait",
-        "usage_irq",
-        "usage_softirq",
-        "usage_steal",
-        "usage_guest",
-        "usage_guest_nice",
-    ];
+    const FIELDS: [&str; 10] = historian_benches::tsbs::FIELDS;
     // A fixed LCG keeps the body identical between runs without a rand dependency here.
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {

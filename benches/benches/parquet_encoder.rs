@@ -12,6 +12,7 @@ use arrow::array::{ArrayRef, Float64Builder, StringDictionaryBuilder, TimestampN
 use arrow::datatypes::{Field, Int32Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use historian_benches::tsbs;
 use ingest::buffer::with_seq;
 use ingest::dedup::{concat_aligned, sort_dedup};
 use parquet::arrow::ArrowWriter;
@@ -32,41 +33,10 @@ const COMPACT_ZSTD: i32 = 3;
 /// `Persister::write_file` writes the batch in slices of this many rows.
 const WRITE_STEP: usize = 65_536;
 
-const TAGS: [&str; 10] = [
-    "hostname",
-    "region",
-    "datacenter",
-    "rack",
-    "os",
-    "arch",
-    "team",
-    "service",
-    "service_version",
-    "service_environment",
-];
-const FIELDS: [&str; 10] = [
-    "usage_user",
-    "usage_system",
-    "usage_idle",
-    "usage_nice",
-    "usage_iowait",
-    "usage_irq",
-    "usage_softirq",
-    "usage_steal",
-    "usage_guest",
-    "usage_guest_nice",
-];
-const REGIONS: [&str; 9] = [
-    "us-east-1",
-    "us-west-1",
-    "us-west-2",
-    "eu-west-1",
-    "eu-central-1",
-    "ap-southeast-1",
-    "ap-southeast-2",
-    "ap-northeast-1",
-    "sa-east-1",
-];
+/// The TSBS cpu tag keys, fields and regions of the generators, so the bench data has their shape.
+const TAGS: [&str; 10] = tsbs::TAG_KEYS;
+const FIELDS: [&str; 10] = tsbs::FIELDS;
+const REGIONS: [(&str, &[&str]); 9] = tsbs::REGIONS;
 const OS: [&str; 3] = ["Ubuntu16.10", "Ubuntu16.04LTS", "Ubuntu15.10"];
 const ARCH: [&str; 2] = ["x64", "x86"];
 const TEAM: [&str; 4] = ["SF", "NYC", "LON", "CHI"];
@@ -93,7 +63,7 @@ impl Lcg {
 fn host_tags(rng: &mut Lcg) -> Vec<[String; 10]> {
     (0..HOSTS)
         .map(|h| {
-            let region = REGIONS[rng.pick(REGIONS.len())];
+            let region = REGIONS[rng.pick(REGIONS.len())].0;
             let datacenter = format!("{region}{}", ['a', 'b', 'c'][rng.pick(3)]);
             [
                 format!("host_{h}"),

@@ -206,24 +206,33 @@ pub fn filter_horizon(batch: &RecordBatch, horizon: i64) -> Result<RecordBatch, 
     arrow::compute::filter_record_batch(batch, &keep)
 }
 
+/// Test rows of a small table (`host` tag, floats `a` and `b`), shared by the tests of the
+/// sort and of the merge.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray, UInt64Array};
-    use arrow::datatypes::{DataType, Field, Schema};
+pub(crate) mod fixtures {
     use std::sync::Arc;
+
+    use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+    use arrow::record_batch::RecordBatch;
     use store::{ColumnType as CT, TableSchema};
 
-    /// host, time, a, b, _seq
-    type Row<'a> = (&'a str, i64, Option<f64>, Option<f64>, u64);
-    type OwnedRow = (String, i64, Option<f64>, Option<f64>, u64);
+    use super::align;
 
-    fn batch(rows: &[Row<'_>]) -> RecordBatch {
+    /// host, time, a, b, _seq
+    pub type Row<'a> = (&'a str, i64, Option<f64>, Option<f64>, u64);
+
+    /// The table's stored schema.
+    pub fn schema() -> SchemaRef {
         let mut schema = TableSchema::new();
         schema.add_column("host", CT::Tag);
         schema.add_column("a", CT::Float);
         schema.add_column("b", CT::Float);
-        let target = schema.arrow_schema();
+        schema.arrow_schema()
+    }
+
+    /// The rows as a batch of [`schema`], in the given order.
+    pub fn batch(rows: &[Row<'_>]) -> RecordBatch {
         let plain = Arc::new(Schema::new(vec![
             Field::new("host", DataType::Utf8, true),
             Field::new("time", CT::Time.data_type(), false),
@@ -243,9 +252,19 @@ mod tests {
                 Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.4))),
             ],
         )
-        .unwrap();
-        align(&b, &target).unwrap()
+        .expect("columns of one length");
+        align(&b, &schema()).expect("the fixture's columns fit its schema")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::batch;
+    use super::*;
+    use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray, UInt64Array};
+    use arrow::datatypes::DataType;
+
+    type OwnedRow = (String, i64, Option<f64>, Option<f64>, u64);
 
     fn rows(b: &RecordBatch) -> Vec<OwnedRow> {
         let host = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();

@@ -227,38 +227,14 @@ impl SortedMerge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedup::fixtures::{self, Row};
     use crate::dedup::sort_dedup;
-    use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray};
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::datatypes::DataType;
     use parquet::arrow::ArrowWriter;
-    use std::sync::Arc;
-    use store::{ColumnType as CT, TableSchema};
 
-    /// host, time, a, b, _seq
-    type Row<'a> = (&'a str, i64, Option<f64>, Option<f64>, u64);
-
-    fn file(rows: &[Row<'_>], target: &SchemaRef) -> Bytes {
-        let plain = Arc::new(Schema::new(vec![
-            Field::new("host", DataType::Utf8, true),
-            Field::new("time", CT::Time.data_type(), false),
-            Field::new("a", DataType::Float64, true),
-            Field::new("b", DataType::Float64, true),
-            Field::new("_seq", DataType::UInt64, false),
-        ]));
-        let b = RecordBatch::try_new(
-            plain,
-            vec![
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
-                Arc::new(TimestampNanosecondArray::from_iter_values(
-                    rows.iter().map(|r| r.1),
-                )),
-                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
-                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.3))),
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.4))),
-            ],
-        )
-        .unwrap();
-        let b = sort_dedup(&align(&b, target).unwrap()).unwrap();
+    /// The rows as a flushed file: sorted, deduplicated Parquet.
+    fn file(rows: &[Row<'_>]) -> Bytes {
+        let b = sort_dedup(&fixtures::batch(rows)).unwrap();
         let mut out = Vec::new();
         let mut w = ArrowWriter::try_new(&mut out, b.schema(), None).unwrap();
         w.write(&b).unwrap();
@@ -268,11 +244,7 @@ mod tests {
 
     #[test]
     fn merging_files_equals_sorting_and_deduplicating_their_union() {
-        let mut schema = TableSchema::new();
-        schema.add_column("host", CT::Tag);
-        schema.add_column("a", CT::Float);
-        schema.add_column("b", CT::Float);
-        let target = schema.arrow_schema();
+        let target = fixtures::schema();
         // Pseudo-random rows over a small key space so files overlap and collide.
         let mut x = 7u64;
         let mut next = || {
@@ -295,11 +267,11 @@ mod tests {
                 let b = (next() % 2 == 0).then(|| (next() % 100) as f64);
                 rows.push((h, t, a, b, seq));
             }
-            files.push(file(&rows, &target));
+            files.push(file(&rows));
             all.extend(rows);
         }
         let expected = {
-            let f = file(&all, &target);
+            let f = file(&all);
             let r = ParquetRecordBatchReaderBuilder::try_new(f)
                 .unwrap()
                 .build()
