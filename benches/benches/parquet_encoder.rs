@@ -14,10 +14,10 @@ use arrow::record_batch::RecordBatch;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use historian_benches::tsbs;
 use ingest::buffer::with_seq;
-use ingest::dedup::{concat_aligned, sort_dedup};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
+use store::dedup::{concat_aligned, sort_dedup};
 use store::{ColumnType, TableSchema};
 
 /// Hosts reporting; every host sends one row per timestamp.

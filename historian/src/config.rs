@@ -29,6 +29,8 @@ pub struct Config {
     pub limits: Limits,
     /// Per-table settings, keyed by table name.
     pub tables: HashMap<String, TableOptions>,
+    /// Query limits.
+    pub query: QuerySection,
     /// Logging.
     pub log: LogConfig,
 }
@@ -158,6 +160,37 @@ impl Default for PersistSection {
     }
 }
 
+/// `[query]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuerySection {
+    /// Memory one query may use for sorts, joins and aggregations (spills, then fails).
+    pub memory_limit_bytes: usize,
+    /// Wall-clock limit of one query.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Queries running at once.
+    pub max_concurrent: usize,
+    /// How long a query waits for a free slot before it is refused with 503.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Where queries spill; default `<data_dir>/spill`.
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for QuerySection {
+    fn default() -> Self {
+        let q = query::QueryConfig::default();
+        QuerySection {
+            memory_limit_bytes: q.memory_limit_bytes,
+            timeout: q.timeout,
+            max_concurrent: q.max_concurrent,
+            queue_timeout: q.queue_timeout,
+            spill_dir: None,
+        }
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -231,6 +264,17 @@ impl Config {
         if self.wal.segment_bytes < 1024 {
             return bad("wal.segment_bytes must be at least 1024");
         }
+        if self.query.max_concurrent == 0 || self.query.memory_limit_bytes == 0 {
+            return bad("query.max_concurrent and query.memory_limit_bytes must be positive");
+        }
+        if self.persist.deletion_grace <= self.query.timeout {
+            // A query may still be reading a file that compaction replaced: it would fail.
+            tracing::warn!(
+                grace = ?self.persist.deletion_grace,
+                timeout = ?self.query.timeout,
+                "persist.deletion_grace is not longer than query.timeout: long queries may fail when compaction deletes the files they read"
+            );
+        }
         Ok(())
     }
 
@@ -266,6 +310,26 @@ impl Config {
             persist_interval: self.persist.interval,
             limits: self.limits.clone(),
             tables: self.tables.clone(),
+        })
+    }
+}
+
+impl Config {
+    /// The query engine's settings.
+    pub fn query_config(&self) -> Result<query::QueryConfig, ConfigError> {
+        let data_dir = absolute(&self.server.data_dir)?;
+        Ok(query::QueryConfig {
+            memory_limit_bytes: self.query.memory_limit_bytes,
+            timeout: self.query.timeout,
+            max_concurrent: self.query.max_concurrent,
+            queue_timeout: self.query.queue_timeout,
+            spill_dir: Some(
+                self.query
+                    .spill_dir
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("spill")),
+            ),
+            ..query::QueryConfig::default()
         })
     }
 }

@@ -1,4 +1,5 @@
-//! The HTTP API: InfluxDB-compatible write endpoints, health and metrics.
+//! The HTTP API: InfluxDB-compatible write endpoints, the SQL query endpoint, health and
+//! metrics.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -19,6 +20,8 @@ use serde_json::json;
 pub struct AppState {
     /// The write path.
     pub ingester: Arc<Ingester>,
+    /// The query path.
+    pub query: Arc<query::QueryEngine>,
     /// Metrics to export.
     pub registry: Registry,
     /// Body limit, before and after decompression.
@@ -33,6 +36,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v3/write_lp", post(write_v3))
         .route("/api/v2/write", post(write_v2))
         .route("/write", post(write_v1))
+        .route("/api/v3/query_sql", get(query_get).post(query_post))
         .route("/health", get(health))
         .route("/ping", get(ping).head(ping))
         .route("/metrics", get(metrics))
@@ -48,6 +52,7 @@ fn error_response(status: StatusCode, message: &str, extra: serde_json::Value) -
         "message": message,
         "code": match status {
             StatusCode::PAYLOAD_TOO_LARGE => "request too large",
+            StatusCode::NOT_FOUND => "not found",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             StatusCode::INTERNAL_SERVER_ERROR => "internal error",
             _ => "invalid",
@@ -292,6 +297,142 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         text,
+    )
+        .into_response()
+}
+
+/// The body of `POST /api/v3/query_sql` as JSON.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    db: Option<String>,
+    q: Option<String>,
+    format: Option<String>,
+}
+
+async fn query_get(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let body = QueryBody {
+        db: q.get("db").cloned(),
+        q: q.get("q").cloned(),
+        format: q.get("format").cloned(),
+    };
+    run_query(s, body).await
+}
+
+async fn query_post(
+    State(s): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let bytes = match read_body(&s, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut parsed = if content_type.starts_with("application/json") {
+        match serde_json::from_slice::<QueryBody>(&bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                return ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"))
+                    .into_response();
+            }
+        }
+    } else if bytes.is_empty() {
+        QueryBody::default()
+    } else {
+        // A plain body is the SQL text (as `curl --data-binary @query.sql` sends it).
+        match String::from_utf8(bytes.to_vec()) {
+            Ok(sql) => QueryBody {
+                q: Some(sql),
+                ..QueryBody::default()
+            },
+            Err(_) => {
+                return ApiError(StatusCode::BAD_REQUEST, "the body is not UTF-8".into())
+                    .into_response();
+            }
+        }
+    };
+    parsed.db = parsed.db.or_else(|| q.get("db").cloned());
+    parsed.q = parsed.q.or_else(|| q.get("q").cloned());
+    parsed.format = parsed.format.or_else(|| q.get("format").cloned());
+    run_query(s, parsed).await
+}
+
+fn query_error_response(e: &query::QueryError) -> Response {
+    use query::QueryError as E;
+    let status = match e {
+        E::Refused(_) | E::Invalid(_) | E::MemoryLimit { .. } | E::Timeout(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        E::DatabaseNotFound(_) => StatusCode::NOT_FOUND,
+        E::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        E::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error_response(status, &e.to_string(), json!({}))
+}
+
+async fn run_query(s: Arc<AppState>, body: QueryBody) -> Response {
+    use futures::StreamExt;
+    let format: query::OutputFormat = match body.format.as_deref().unwrap_or("json").parse() {
+        Ok(f) => f,
+        Err(e) => return ApiError(StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let Some(db) = body.db.filter(|d| !d.is_empty()) else {
+        return ApiError(StatusCode::BAD_REQUEST, "missing query parameter db".into())
+            .into_response();
+    };
+    let Some(sql) = body.q.filter(|q| !q.trim().is_empty()) else {
+        return ApiError(
+            StatusCode::BAD_REQUEST,
+            "missing query parameter q (the SQL)".into(),
+        )
+        .into_response();
+    };
+    let mut stream = match s.query.query(&db, &sql).await {
+        Ok(stream) => stream,
+        Err(e) => return query_error_response(&e),
+    };
+    // The first batch comes before the headers, so that most errors get a status code;
+    // a later one cuts the response short.
+    let first = match stream.next().await {
+        Some(Err(e)) => return query_error_response(&e),
+        other => other,
+    };
+    let mut encoder = match format.encoder(stream.schema()) {
+        Ok(e) => e,
+        Err(e) => {
+            return error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), json!({}));
+        }
+    };
+    let pending = futures::stream::iter(first);
+    let body = pending
+        .chain(stream)
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
+        .map(move |item| {
+            let bytes = match item {
+                Some(Ok(batch)) => encoder.batch(&batch),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "query failed while streaming its result");
+                    return Err(std::io::Error::other(e.to_string()));
+                }
+                None => encoder.finish(),
+            };
+            bytes
+                .map(Bytes::from)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .filter(|r| futures::future::ready(!matches!(r, Ok(b) if b.is_empty())));
+    (
+        [(header::CONTENT_TYPE, format.content_type())],
+        Body::from_stream(body),
     )
         .into_response()
 }

@@ -1,4 +1,5 @@
-//! The `historian` binary: `serve` runs the server, `import` bulk-loads line protocol.
+//! The `historian` binary: `serve` runs the server, `import` bulk-loads line protocol,
+//! `query` runs SQL against a running server.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod config;
 mod http;
 mod import;
+mod query_client;
 mod server;
 
 /// Historian: a time-series historian for factories.
@@ -28,6 +30,8 @@ enum Command {
     Serve(ServeArgs),
     /// Loads `.lp` / `.lp.gz` files into a running server.
     Import(import::ImportArgs),
+    /// Runs one SQL query against a running server and prints the result.
+    Query(query_client::QueryArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +91,10 @@ fn main() -> std::process::ExitCode {
             Command::Import(args) => {
                 init_tracing("text", "warn");
                 import::run(args).await
+            }
+            Command::Query(args) => {
+                init_tracing("text", "warn");
+                query_client::run(args).await
             }
         }
     });

@@ -26,11 +26,26 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     tracing::info!(lake = %lake_url, wal = %ingest_config.wal_dir.display(), "opening");
+    let lake_store = lake.store.clone();
     let ingester = Ingester::open(lake, ingest_config, metrics).await?;
+    let query_config = config.query_config()?;
+    if let Some(dir) = &query_config.spill_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create spill directory {}: {e}", dir.display()))?;
+    }
+    let query_metrics = Arc::new(query::QueryMetrics::default());
+    query_metrics.register(&mut registry);
+    let query = Arc::new(query::QueryEngine::new(
+        ingester.clone(),
+        lake_store,
+        query_config,
+        query_metrics,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(ingester.clone().run_background(stop_rx));
     let state = Arc::new(AppState {
         ingester: ingester.clone(),
+        query,
         registry,
         max_body_bytes: config.write.max_body_bytes,
         retry_after_secs: config.write.retry_after_secs,

@@ -34,7 +34,7 @@ fn all_rows(server: &Server, db: &str, table: &str) -> RecordBatch {
     let schema = Arc::new(arrow::datatypes::Schema::new(fields));
     let aligned: Vec<RecordBatch> = batches
         .iter()
-        .map(|b| ingest::dedup::align(b, &schema).unwrap())
+        .map(|b| store::dedup::align(b, &schema).unwrap())
         .collect();
     arrow::compute::concat_batches(&schema, &aligned).unwrap()
 }

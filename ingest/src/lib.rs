@@ -5,7 +5,6 @@
 
 pub mod buffer;
 pub mod catalog;
-pub mod dedup;
 pub mod failpoint;
 pub mod line_protocol;
 pub mod merge;

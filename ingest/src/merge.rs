@@ -16,7 +16,7 @@ use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use store::{ColumnType, SEQ_COLUMN, TIME_COLUMN};
 
-use crate::dedup::align;
+use store::dedup::align;
 
 /// Rows per output batch and per input read.
 const BATCH_ROWS: usize = 8192;
@@ -227,10 +227,10 @@ impl SortedMerge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dedup::fixtures::{self, Row};
-    use crate::dedup::sort_dedup;
     use arrow::datatypes::DataType;
     use parquet::arrow::ArrowWriter;
+    use store::dedup::fixtures::{self, Row};
+    use store::dedup::sort_dedup;
 
     /// The rows as a flushed file: sorted, deduplicated Parquet.
     fn file(rows: &[Row<'_>]) -> Bytes {

@@ -23,11 +23,11 @@ use store::{
 
 use crate::buffer::{FlushCandidate, FlushSnapshot, WriteBuffer};
 use crate::catalog::Catalog;
-use crate::dedup::{BatchStats, concat_aligned, filter_horizon, sort_dedup, stats};
 use crate::failpoint;
 use crate::merge::SortedMerge;
 use crate::metrics::IngestMetrics;
 use crate::wal::Wal;
+use store::dedup::{BatchStats, concat_aligned, filter_horizon, sort_dedup, stats};
 
 /// Errors of flushing, compaction and retention.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +110,9 @@ pub struct Persister {
     layout: Layout,
     manifests: ManifestStore,
     tables: Mutex<HashMap<TableKey, Arc<tokio::sync::Mutex<Manifest>>>>,
+    /// The latest committed manifest of each table, for readers that must not wait for a
+    /// commit in progress.
+    published: Mutex<HashMap<TableKey, Arc<Manifest>>>,
     counts: Mutex<HashMap<TableKey, (usize, usize)>>,
     /// Per table, when each partition was last flushed to (to tell closed partitions).
     last_flush: Mutex<HashMap<(TableKey, String), std::time::Instant>>,
@@ -214,6 +217,7 @@ impl Persister {
             layout,
             manifests,
             tables: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
             counts: Mutex::new(HashMap::new()),
             last_flush: Mutex::new(HashMap::new()),
             catalog,
@@ -266,6 +270,14 @@ impl Persister {
     /// The latest manifest of a table (empty if none).
     pub async fn manifest(&self, db: &str, table: &str) -> Manifest {
         self.manifest_handle(db, table).lock().await.clone()
+    }
+
+    /// The latest committed manifest of a table, without waiting for a commit in progress.
+    pub fn published_manifest(&self, db: &str, table: &str) -> Option<Arc<Manifest>> {
+        self.published
+            .lock()
+            .get(&(db.to_string(), table.to_string()))
+            .cloned()
     }
 
     /// All (db, table) pairs with a manifest.
@@ -328,6 +340,9 @@ impl Persister {
             if let Some(m) = manifest {
                 let key = (db.clone(), table.clone());
                 self.set_counts(&key, &m);
+                self.published
+                    .lock()
+                    .insert(key.clone(), Arc::new(m.clone()));
                 self.tables
                     .lock()
                     .insert(key, Arc::new(tokio::sync::Mutex::new(m)));
@@ -354,7 +369,9 @@ impl Persister {
         failpoint::hit("manifest_commit");
         self.manifests.commit(&next).await?;
         *current = next.clone();
-        self.set_counts(&(db.to_string(), table.to_string()), &next);
+        let key = (db.to_string(), table.to_string());
+        self.set_counts(&key, &next);
+        self.published.lock().insert(key, Arc::new(next.clone()));
         Ok(next)
     }
 

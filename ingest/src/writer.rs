@@ -293,3 +293,45 @@ impl Ingester {
         result
     }
 }
+
+impl store::TableSource for Ingester {
+    fn databases(&self) -> Vec<String> {
+        let mut dbs: Vec<String> = self
+            .catalog
+            .tables()
+            .into_iter()
+            .filter(|t| t.schema().len() > 1)
+            .map(|t| t.db.clone())
+            .collect();
+        dbs.dedup();
+        dbs
+    }
+
+    fn tables(&self, db: &str) -> Vec<String> {
+        self.catalog
+            .tables()
+            .into_iter()
+            .filter(|t| t.db == db && t.schema().len() > 1)
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    fn snapshot(&self, db: &str, table: &str) -> Option<store::TableSnapshot> {
+        let t = self.catalog.table(db, table)?;
+        let schema = t.schema();
+        if schema.len() <= 1 {
+            return None;
+        }
+        // Buffer first, manifest second: see `TableSnapshot::manifest`.
+        let buffered = self.buffer.snapshot(db, table);
+        let manifest = self.persister.published_manifest(db, table);
+        Some(store::TableSnapshot {
+            db: db.to_string(),
+            table: table.to_string(),
+            schema,
+            options: t.options.clone(),
+            buffered,
+            manifest,
+        })
+    }
+}

@@ -3,11 +3,13 @@
 //!
 //! Nothing here knows about HTTP, the write-ahead log or DataFusion.
 
+pub mod dedup;
 pub mod lake;
 pub mod layout;
 pub mod manifest;
 pub mod partition;
 pub mod schema;
+pub mod snapshot;
 pub mod table;
 
 pub use lake::{Lake, LakeError, S3Options};
@@ -15,4 +17,5 @@ pub use layout::Layout;
 pub use manifest::{FileMeta, Manifest, ManifestError, ManifestStore, PendingDelete};
 pub use partition::{PartitionGranularity, PartitionKey};
 pub use schema::{ColumnDef, ColumnType, SEQ_COLUMN, TIME_COLUMN, TableSchema};
+pub use snapshot::{TableSnapshot, TableSource};
 pub use table::TableOptions;

@@ -3,6 +3,7 @@
 //! Rows of the same series (all tags equal) at the same time are one point; each field
 //! takes its value from the latest write (highest `_seq`) that set it, as in InfluxDB.
 
+use crate::{ColumnType, SEQ_COLUMN, TIME_COLUMN};
 use arrow::array::AsArray;
 use arrow::array::{Array, ArrayRef, UInt32Array, new_null_array};
 use arrow::compute::{SortOptions, concat_batches, take};
@@ -11,7 +12,6 @@ use arrow::datatypes::UInt64Type;
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
-use store::{ColumnType, SEQ_COLUMN, TIME_COLUMN};
 
 /// Reshapes a batch to `target`: columns by name, missing ones all NULL.
 pub fn align(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, ArrowError> {
@@ -44,30 +44,23 @@ fn is_key(field: &arrow::datatypes::Field) -> bool {
         || ColumnType::from_data_type(field.data_type()) == Some(ColumnType::Tag)
 }
 
-/// Sorts by tags (schema order), time and `_seq`, then merges rows of the same series and
-/// time, field by field, keeping the value of the latest write. The batch must have `time`
-/// and `_seq` columns.
-pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let schema = batch.schema();
-    let n = batch.num_rows();
-    if n <= 1 {
-        return Ok(batch.clone());
-    }
-    let key_idx: Vec<usize> = schema
+/// Indices of the series key: tags (schema order), then time.
+fn key_indices(schema: &SchemaRef) -> Vec<usize> {
+    schema
         .fields()
         .iter()
         .enumerate()
         .filter(|(_, f)| is_key(f) && f.name() != TIME_COLUMN)
         .map(|(i, _)| i)
         .chain(schema.index_of(TIME_COLUMN).ok())
-        .collect();
-    let seq_idx = schema.index_of(SEQ_COLUMN)?;
-    let seq = batch
-        .column(seq_idx)
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| ArrowError::SchemaError("_seq must be UInt64".into()))?;
-    // The series key (tags, then time) in the row format compares as plain bytes, which
-    // sorts far faster than comparing ten dictionary columns one by one.
+        .collect()
+}
+
+/// The series keys of a batch in Arrow's row format, which compares as plain bytes: far
+/// faster than comparing ten dictionary columns one by one.
+fn series_keys(batch: &RecordBatch) -> Result<arrow::row::Rows, ArrowError> {
+    let schema = batch.schema();
+    let key_idx = key_indices(&schema);
     let converter = RowConverter::new(
         key_idx
             .iter()
@@ -83,24 +76,81 @@ pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
             .collect(),
     )?;
     let key_columns: Vec<ArrayRef> = key_idx.iter().map(|i| batch.column(*i).clone()).collect();
-    let keys = converter.convert_columns(&key_columns)?;
+    converter.convert_columns(&key_columns)
+}
+
+fn seq_column(batch: &RecordBatch) -> Result<&arrow::array::UInt64Array, ArrowError> {
+    batch
+        .column_by_name(SEQ_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<UInt64Type>())
+        .ok_or_else(|| ArrowError::SchemaError("a UInt64 _seq column is required".into()))
+}
+
+/// Splits rows listed in `order` into runs of equal keys.
+fn equal_key_runs(keys: &arrow::row::Rows, order: &[u32]) -> Vec<std::ops::Range<usize>> {
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = 0;
+    for k in 1..order.len() {
+        if keys.row(order[k] as usize) != keys.row(order[k - 1] as usize) {
+            ranges.push(start..k);
+            start = k;
+        }
+    }
+    if !order.is_empty() {
+        ranges.push(start..order.len());
+    }
+    ranges
+}
+
+/// Sorts by tags (schema order), time and `_seq`, then merges rows of the same series and
+/// time, field by field, keeping the value of the latest write. The batch must have `time`
+/// and `_seq` columns.
+pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let n = batch.num_rows();
+    if n <= 1 {
+        return Ok(batch.clone());
+    }
+    let seq = seq_column(batch)?;
+    let keys = series_keys(batch)?;
     let mut order: Vec<u32> = (0..n as u32).collect();
     order.sort_unstable_by(|&a, &b| {
         keys.row(a as usize)
             .cmp(&keys.row(b as usize))
             .then_with(|| seq.value(a as usize).cmp(&seq.value(b as usize)))
     });
-    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut start = 0;
-    for k in 1..n {
-        if keys.row(order[k] as usize) != keys.row(order[k - 1] as usize) {
-            ranges.push(start..k);
-            start = k;
-        }
+    let ranges = equal_key_runs(&keys, &order);
+    merge_runs(batch, &order, &ranges)
+}
+
+/// Deduplicates a batch already sorted by series key then `_seq` (as a merge of sorted
+/// files yields it). Returns the merged rows of every complete key and, held back, the rows
+/// of the last key, which may continue in the next batch of the stream: prepend them to it.
+pub fn dedup_sorted(batch: &RecordBatch) -> Result<(RecordBatch, RecordBatch), ArrowError> {
+    let n = batch.num_rows();
+    if n == 0 {
+        return Ok((batch.clone(), batch.clone()));
     }
-    ranges.push(start..n);
-    let indices = UInt32Array::from(order);
-    if ranges.len() == n {
+    let keys = series_keys(batch)?;
+    let order: Vec<u32> = (0..n as u32).collect();
+    let mut ranges = equal_key_runs(&keys, &order);
+    let last = ranges.pop().unwrap_or(0..0);
+    let held = batch.slice(last.start, last.len());
+    let complete = batch.slice(0, last.start);
+    if ranges.len() == last.start {
+        return Ok((complete, held));
+    }
+    Ok((merge_runs(&complete, &order[..last.start], &ranges)?, held))
+}
+
+/// Merges each run of `order` (rows with one key, in write order) into one row.
+fn merge_runs(
+    batch: &RecordBatch,
+    order: &[u32],
+    ranges: &[std::ops::Range<usize>],
+) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    let indices = UInt32Array::from(order.to_vec());
+    if ranges.len() == order.len() {
         // No duplicates: one take per column.
         let columns: Vec<ArrayRef> = batch
             .columns()
@@ -109,6 +159,7 @@ pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
             .collect::<Result<_, _>>()?;
         return RecordBatch::try_new(schema, columns);
     }
+    let seq_idx = schema.index_of(SEQ_COLUMN).ok();
     let idx = indices.values();
     let first: UInt32Array = ranges.iter().map(|r| idx[r.start]).collect();
     let last: UInt32Array = ranges.iter().map(|r| idx[r.end - 1]).collect();
@@ -117,7 +168,7 @@ pub fn sort_dedup(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
         let col = batch.column(i);
         let picked = if is_key(field) {
             take(col.as_ref(), &first, None)?
-        } else if i == seq_idx {
+        } else if Some(i) == seq_idx {
             take(col.as_ref(), &last, None)?
         } else {
             // The latest non-null value in each group, else the latest row (NULL).
@@ -207,15 +258,15 @@ pub fn filter_horizon(batch: &RecordBatch, horizon: i64) -> Result<RecordBatch, 
 }
 
 /// Test rows of a small table (`host` tag, floats `a` and `b`), shared by the tests of the
-/// sort and of the merge.
-#[cfg(test)]
-pub(crate) mod fixtures {
+/// sort, of the compaction merge and of the query path's deduplication.
+#[doc(hidden)]
+pub mod fixtures {
     use std::sync::Arc;
 
+    use crate::{ColumnType as CT, TableSchema};
     use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray, UInt64Array};
     use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
     use arrow::record_batch::RecordBatch;
-    use store::{ColumnType as CT, TableSchema};
 
     use super::align;
 
@@ -323,5 +374,34 @@ mod tests {
         assert_eq!(out.num_rows(), 2);
         let f = filter_horizon(&out, 2).unwrap();
         assert_eq!(rows(&f), vec![("b".into(), 2, Some(1.0), None, 1)]);
+    }
+
+    #[test]
+    fn sorted_stream_dedup_holds_the_last_key_back_for_the_next_batch() {
+        let sorted = sort_dedup(&batch(&[("h1", 10, Some(1.0), None, 1)])).unwrap();
+        assert_eq!(sorted.num_rows(), 1);
+        // One stream, cut in two batches in the middle of the key (h1, 20).
+        let first = batch(&[
+            ("h1", 10, Some(1.0), None, 1),
+            ("h1", 10, None, Some(7.0), 4),
+            ("h1", 20, Some(2.0), None, 2),
+        ]);
+        let second = batch(&[
+            ("h1", 20, None, Some(9.0), 3),
+            ("h2", 5, Some(4.0), None, 5),
+        ]);
+        let (done, held) = dedup_sorted(&first).unwrap();
+        assert_eq!(
+            rows(&done),
+            vec![("h1".into(), 10, Some(1.0), Some(7.0), 4)]
+        );
+        assert_eq!(held.num_rows(), 1);
+        let next = concat_batches(&first.schema(), [&held, &second]).unwrap();
+        let (done, held) = dedup_sorted(&next).unwrap();
+        assert_eq!(
+            rows(&done),
+            vec![("h1".into(), 20, Some(2.0), Some(9.0), 3)]
+        );
+        assert_eq!(rows(&held), vec![("h2".into(), 5, Some(4.0), None, 5)]);
     }
 }

@@ -1,0 +1,374 @@
+//! The query engine: a sandboxed DataFusion session per query over one database, run under
+//! a memory limit, a time limit and a cap on concurrent queries.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+};
+use datafusion::error::DataFusionError;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures::{Stream, StreamExt};
+use object_store::ObjectStore;
+use store::TableSource;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use url::Url;
+
+use crate::catalog::DatabaseSchema;
+use crate::metrics::QueryMetrics;
+use crate::sandbox::{self, SandboxError};
+
+/// The URL under which the lake's object store is known to DataFusion. No other store is
+/// registered, so no query can reach a file outside the lake.
+pub const LAKE_URL: &str = "historian://lake/";
+
+/// The catalog name sessions use; the database is its `public` schema.
+pub const CATALOG: &str = "historian";
+
+/// Limits and tuning of the query engine.
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    /// Memory one query may use for sorts, joins and aggregations before it spills or fails.
+    pub memory_limit_bytes: usize,
+    /// Wall-clock limit of one query, planning and streaming included.
+    pub timeout: Duration,
+    /// Queries running at once; more wait up to `queue_timeout`, then are refused.
+    pub max_concurrent: usize,
+    /// How long a query waits for a slot.
+    pub queue_timeout: Duration,
+    /// Parallelism within one query.
+    pub target_partitions: usize,
+    /// Where operators spill; `None` = the system's temporary directory.
+    pub spill_dir: Option<PathBuf>,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            memory_limit_bytes: 1 << 30,
+            timeout: Duration::from_secs(300),
+            max_concurrent: 16,
+            queue_timeout: Duration::from_secs(10),
+            target_partitions: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            spill_dir: None,
+        }
+    }
+}
+
+/// Why a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// Refused by the sandbox.
+    #[error(transparent)]
+    Refused(#[from] SandboxError),
+    /// No such database.
+    #[error("database not found: {0}")]
+    DatabaseNotFound(String),
+    /// An error in the query: unknown table or column, wrong types, bad function call.
+    #[error("{0}")]
+    Invalid(String),
+    /// The query needed more memory than its limit allows.
+    #[error("query exceeded its memory limit of {limit_mib} MiB: {detail}")]
+    MemoryLimit {
+        /// The limit.
+        limit_mib: usize,
+        /// What DataFusion said.
+        detail: String,
+    },
+    /// The query ran longer than its time limit.
+    #[error("query exceeded its time limit of {0:?}")]
+    Timeout(Duration),
+    /// Too many queries at once.
+    #[error("too many concurrent queries (limit {0}); retry later")]
+    Busy(usize),
+    /// A failure of the engine or the store, not of the query.
+    #[error("query failed: {0}")]
+    Internal(String),
+}
+
+impl QueryError {
+    fn from_datafusion(e: DataFusionError, config: &QueryConfig) -> QueryError {
+        let message = e.find_root().strip_backtrace();
+        match e.find_root() {
+            DataFusionError::ResourcesExhausted(detail) => QueryError::MemoryLimit {
+                limit_mib: config.memory_limit_bytes >> 20,
+                detail: detail.clone(),
+            },
+            DataFusionError::SQL(..)
+            | DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..)
+            | DataFusionError::NotImplemented(_)
+            | DataFusionError::Execution(_)
+            | DataFusionError::ArrowError(..) => QueryError::Invalid(message),
+            _ => QueryError::Internal(message),
+        }
+    }
+}
+
+/// The object stores DataFusion may read: the lake, and nothing else (no `file://`).
+#[derive(Debug)]
+struct LakeOnlyRegistry {
+    url: Url,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ObjectStoreRegistry for LakeOnlyRegistry {
+    fn register_store(
+        &self,
+        _url: &Url,
+        _store: Arc<dyn ObjectStore>,
+    ) -> Option<Arc<dyn ObjectStore>> {
+        // Sessions never register stores; one that tried gets nothing reachable.
+        None
+    }
+
+    fn get_store(&self, url: &Url) -> datafusion::error::Result<Arc<dyn ObjectStore>> {
+        if url.scheme() == self.url.scheme() && url.host_str() == self.url.host_str() {
+            Ok(self.store.clone())
+        } else {
+            Err(DataFusionError::Plan(format!(
+                "queries may read only the tables of the lake, not {}",
+                url.scheme()
+            )))
+        }
+    }
+}
+
+/// Runs SQL over the live tables.
+#[derive(Debug)]
+pub struct QueryEngine {
+    source: Arc<dyn TableSource>,
+    registry: Arc<LakeOnlyRegistry>,
+    config: QueryConfig,
+    slots: Arc<Semaphore>,
+    metrics: Arc<QueryMetrics>,
+}
+
+impl QueryEngine {
+    /// An engine over `source`, reading Parquet files from `lake`.
+    pub fn new(
+        source: Arc<dyn TableSource>,
+        lake: Arc<dyn ObjectStore>,
+        config: QueryConfig,
+        metrics: Arc<QueryMetrics>,
+    ) -> Self {
+        let url = Url::parse(LAKE_URL).expect("a valid constant URL");
+        QueryEngine {
+            source,
+            registry: Arc::new(LakeOnlyRegistry { url, store: lake }),
+            slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            config,
+            metrics,
+        }
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> &QueryConfig {
+        &self.config
+    }
+
+    /// Databases with tables.
+    pub fn databases(&self) -> Vec<String> {
+        self.source.databases()
+    }
+
+    /// A sandboxed session whose only tables are those of `db`.
+    pub fn session(&self, db: &str) -> Result<SessionContext, QueryError> {
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let mut config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, "public")
+            .with_create_default_catalog_and_schema(false)
+            .with_information_schema(true)
+            .with_target_partitions(self.config.target_partitions.max(1));
+        let options = config.options_mut();
+        options.execution.parquet.pushdown_filters = true;
+        options.execution.parquet.reorder_filters = true;
+        let mode = match &self.config.spill_dir {
+            Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
+            None => DiskManagerMode::OsTmpDirectory,
+        };
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(self.config.memory_limit_bytes)))
+            .with_object_store_registry(self.registry.clone())
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
+            .build_arc()
+            .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
+        let lake_url = ObjectStoreUrl::parse(LAKE_URL).expect("a valid constant URL");
+        let schema = DatabaseSchema::new(db, self.source.clone(), lake_url, now_ns);
+        let catalog = MemoryCatalogProvider::new();
+        catalog
+            .register_schema("public", Arc::new(schema))
+            .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
+        let catalogs = MemoryCatalogProviderList::new();
+        catalogs.register_catalog(CATALOG.to_string(), Arc::new(catalog));
+        let builder = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            // No CREATE EXTERNAL TABLE formats, no file formats: nothing reads files.
+            .with_table_factories(HashMap::new())
+            .with_file_formats(Vec::new())
+            .with_catalog_list(Arc::new(catalogs));
+        let state = crate::functions::install(builder).build();
+        let ctx = SessionContext::new_with_state(state);
+        crate::functions::register(&ctx);
+        Ok(ctx)
+    }
+
+    /// Plans and starts `sql` against `db`; the result streams.
+    pub async fn query(&self, db: &str, sql: &str) -> Result<QueryStream, QueryError> {
+        let started = Instant::now();
+        let result = self.start(db, sql, started).await;
+        if let Err(e) = &result {
+            self.metrics.finished(started, Err(e));
+        }
+        result
+    }
+
+    async fn start(
+        &self,
+        db: &str,
+        sql: &str,
+        started: Instant,
+    ) -> Result<QueryStream, QueryError> {
+        sandbox::check(sql)?;
+        if !self.source.databases().iter().any(|d| d == db) {
+            return Err(QueryError::DatabaseNotFound(db.to_string()));
+        }
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::time::timeout(
+                self.config.queue_timeout,
+                self.slots.clone().acquire_owned(),
+            )
+            .await
+            .map_err(|_| QueryError::Busy(self.config.max_concurrent))?
+            .map_err(|_| QueryError::Busy(self.config.max_concurrent))?,
+        };
+        let deadline = tokio::time::Instant::from_std(started) + self.config.timeout;
+        let ctx = self.session(db)?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let planned = async {
+            let df = ctx.sql_with_options(sql, options).await?;
+            df.execute_stream().await
+        };
+        let stream = match tokio::time::timeout_at(deadline, planned).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(QueryError::from_datafusion(e, &self.config)),
+            Err(_) => return Err(QueryError::Timeout(self.config.timeout)),
+        };
+        self.metrics.running.inc();
+        Ok(QueryStream {
+            schema: stream.schema(),
+            inner: stream,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            started,
+            rows: 0,
+            outcome: None,
+            _permit: permit,
+        })
+    }
+}
+
+/// A running query's result. Dropping it cancels the query.
+pub struct QueryStream {
+    schema: SchemaRef,
+    inner: SendableRecordBatchStream,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    config: QueryConfig,
+    metrics: Arc<QueryMetrics>,
+    started: Instant,
+    rows: u64,
+    /// Set once the stream has ended, with or without error.
+    outcome: Option<Result<(), ()>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for QueryStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryStream")
+            .field("schema", &self.schema)
+            .field("rows", &self.rows)
+            .finish()
+    }
+}
+
+impl QueryStream {
+    /// The result's schema.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Rows streamed so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+}
+
+impl Stream for QueryStream {
+    type Item = Result<RecordBatch, QueryError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.outcome.is_some() {
+            return Poll::Ready(None);
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let e = QueryError::Timeout(self.config.timeout);
+            self.metrics.finished(self.started, Err(&e));
+            self.outcome = Some(Err(()));
+            return Poll::Ready(Some(Err(e)));
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(batch))) => {
+                self.rows += batch.num_rows() as u64;
+                Poll::Ready(Some(Ok(batch)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e = QueryError::from_datafusion(e, &self.config);
+                self.metrics.finished(self.started, Err(&e));
+                self.outcome = Some(Err(()));
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.metrics.finished(self.started, Ok(self.rows));
+                self.outcome = Some(Ok(()));
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Drop for QueryStream {
+    fn drop(&mut self) {
+        self.metrics.running.dec();
+        if self.outcome.is_none() {
+            // The client went away before the end: the query is cancelled.
+            self.metrics.cancelled.inc();
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Historian SQL: gap filling (`date_bin_gapfill`, `locf`, `interpolate`), the
+//! time-weighted average and the `first` / `last` selectors.
+
+pub mod gapfill;
+pub mod selector;
+pub mod time_weighted;
+
+use std::sync::Arc;
+
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::AggregateUDF;
+use datafusion::optimizer::Analyzer;
+use datafusion::prelude::SessionContext;
+
+/// Adds the gap-fill rewrite (after DataFusion's own analyzer rules, so it sees coerced
+/// types) and the planner of its plan node.
+pub fn install(builder: SessionStateBuilder) -> SessionStateBuilder {
+    let mut rules = Analyzer::new().rules;
+    rules.push(Arc::new(gapfill::GapFillRule));
+    builder
+        .with_analyzer_rules(rules)
+        .with_query_planner(Arc::new(gapfill::HistorianQueryPlanner))
+}
+
+/// Registers the historian functions in a session.
+pub fn register(ctx: &SessionContext) {
+    gapfill::register(ctx);
+    ctx.register_udaf(AggregateUDF::from(selector::Selector::new(
+        selector::End::First,
+    )));
+    ctx.register_udaf(AggregateUDF::from(selector::Selector::new(
+        selector::End::Last,
+    )));
+    ctx.register_udaf(AggregateUDF::from(time_weighted::TimeWeightedAvg::new(
+        false,
+    )));
+}

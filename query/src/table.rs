@@ -1,0 +1,487 @@
+//! One Historian table as DataFusion sees it: the write buffer and the Parquet files of one
+//! snapshot, deduplicated where they may overlap, with the retention horizon applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::compute::SortOptions;
+use arrow::datatypes::{Schema, SchemaRef};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::config::TableParquetOptions;
+use datafusion::common::{DFSchema, Result, ScalarValue};
+use datafusion::datasource::TableType;
+use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::utils::{conjunction, split_conjunction};
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown, col, lit};
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::expressions::Column;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::physical_plan::union::UnionExec;
+use store::dedup::{align, concat_aligned, sort_dedup};
+use store::{ColumnType, FileMeta, SEQ_COLUMN, TIME_COLUMN, TableSnapshot};
+
+use crate::dedup::DedupExec;
+
+/// The closed time range `[start, end]` (ns) a query's filters allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeRange {
+    /// Earliest time a row may have.
+    pub start: i64,
+    /// Latest time a row may have.
+    pub end: i64,
+}
+
+impl TimeRange {
+    /// Every time.
+    pub const ALL: TimeRange = TimeRange {
+        start: i64::MIN,
+        end: i64::MAX,
+    };
+
+    fn overlaps(&self, min: i64, max: i64) -> bool {
+        min <= self.end && max >= self.start
+    }
+
+    /// The range allowed by a conjunction of filters: plain comparisons of `time` with
+    /// timestamp literals narrow it, everything else leaves it alone.
+    pub fn from_filters(filters: &[Expr]) -> TimeRange {
+        let mut range = TimeRange::ALL;
+        for expr in filters.iter().flat_map(|f| split_conjunction(f)) {
+            match expr {
+                Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                    let (op, value) = match (left.as_ref(), right.as_ref()) {
+                        (Expr::Column(c), Expr::Literal(v, _)) if c.name == TIME_COLUMN => (*op, v),
+                        (Expr::Literal(v, _), Expr::Column(c)) if c.name == TIME_COLUMN => {
+                            match op.swap() {
+                                Some(op) => (op, v),
+                                None => continue,
+                            }
+                        }
+                        _ => continue,
+                    };
+                    let Some(t) = timestamp_ns(value) else {
+                        continue;
+                    };
+                    match op {
+                        Operator::Gt => range.start = range.start.max(t.saturating_add(1)),
+                        Operator::GtEq => range.start = range.start.max(t),
+                        Operator::Lt => range.end = range.end.min(t.saturating_sub(1)),
+                        Operator::LtEq => range.end = range.end.min(t),
+                        Operator::Eq => {
+                            range.start = range.start.max(t);
+                            range.end = range.end.min(t);
+                        }
+                        _ => {}
+                    }
+                }
+                Expr::Between(b) if !b.negated => {
+                    let Expr::Column(c) = b.expr.as_ref() else {
+                        continue;
+                    };
+                    if c.name != TIME_COLUMN {
+                        continue;
+                    }
+                    if let Expr::Literal(v, _) = b.low.as_ref()
+                        && let Some(t) = timestamp_ns(v)
+                    {
+                        range.start = range.start.max(t);
+                    }
+                    if let Expr::Literal(v, _) = b.high.as_ref()
+                        && let Some(t) = timestamp_ns(v)
+                    {
+                        range.end = range.end.min(t);
+                    }
+                }
+                _ => {}
+            }
+        }
+        range
+    }
+}
+
+/// A timestamp literal in nanoseconds.
+fn timestamp_ns(value: &ScalarValue) -> Option<i64> {
+    match value {
+        ScalarValue::TimestampNanosecond(Some(v), _) => Some(*v),
+        ScalarValue::TimestampMicrosecond(Some(v), _) => v.checked_mul(1_000),
+        ScalarValue::TimestampMillisecond(Some(v), _) => v.checked_mul(1_000_000),
+        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1_000_000_000),
+        _ => None,
+    }
+}
+
+/// A table of one snapshot.
+#[derive(Debug)]
+pub struct LakeTable {
+    snapshot: TableSnapshot,
+    /// Columns plus `_seq`, as stored.
+    stored: SchemaRef,
+    /// Columns as users see them.
+    schema: SchemaRef,
+    lake_url: ObjectStoreUrl,
+    /// Rows before this time (ns) are past the table's TTL.
+    horizon: i64,
+}
+
+impl LakeTable {
+    /// The table of `snapshot`, whose files are read from the store registered as
+    /// `lake_url`, as seen at `now_ns`.
+    pub fn new(snapshot: TableSnapshot, lake_url: ObjectStoreUrl, now_ns: i64) -> Self {
+        let stored = snapshot.schema.arrow_schema();
+        let user_fields: Vec<_> = stored
+            .fields()
+            .iter()
+            .filter(|f| f.name() != SEQ_COLUMN)
+            .cloned()
+            .collect();
+        let horizon = snapshot.options.horizon(now_ns);
+        LakeTable {
+            snapshot,
+            schema: Arc::new(Schema::new(user_fields)),
+            stored,
+            lake_url,
+            horizon,
+        }
+    }
+
+    /// The snapshot the table reads.
+    pub fn snapshot(&self) -> &TableSnapshot {
+        &self.snapshot
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.stored
+            .index_of(name)
+            .expect("stored schemas always have time and _seq")
+    }
+
+    /// Stored indices of the series key (tags, time) and `_seq`.
+    fn key_and_seq(&self) -> Vec<usize> {
+        let mut key: Vec<usize> = self
+            .snapshot
+            .schema
+            .columns
+            .iter()
+            .filter(|c| c.column_type == ColumnType::Tag)
+            .map(|c| self.index(&c.name))
+            .collect();
+        key.push(self.index(TIME_COLUMN));
+        key.push(self.index(SEQ_COLUMN));
+        key
+    }
+
+    /// The sort order of files and of the deduplicated buffer, over `schema`.
+    fn sort_order(&self, schema: &SchemaRef) -> Result<LexOrdering> {
+        let options = SortOptions {
+            descending: false,
+            nulls_first: true,
+        };
+        let exprs = self.key_and_seq().into_iter().map(|i| {
+            let name = self.stored.field(i).name();
+            let at = schema.index_of(name)?;
+            Ok(PhysicalSortExpr::new(
+                Arc::new(Column::new(name, at)),
+                options,
+            ))
+        });
+        let exprs: Vec<PhysicalSortExpr> = exprs.collect::<Result<_>>()?;
+        LexOrdering::new(exprs)
+            .ok_or_else(|| datafusion::error::DataFusionError::Internal("empty sort order".into()))
+    }
+
+    /// Filters usable below deduplication: on key columns only, since a newer version of a
+    /// row may differ in its fields.
+    fn is_key_filter(&self, expr: &Expr) -> bool {
+        let tags: BTreeSet<&str> = self.snapshot.schema.tags().collect();
+        expr.column_refs()
+            .iter()
+            .all(|c| c.name == TIME_COLUMN || tags.contains(c.name.as_str()))
+    }
+
+    fn parquet_scan(
+        &self,
+        state: &dyn Session,
+        files: &[&FileMeta],
+        projection: &[usize],
+        predicate: Option<Expr>,
+        sorted: bool,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut source = ParquetSource::new(self.stored.clone())
+            .with_table_parquet_options(TableParquetOptions {
+                global: state.config_options().execution.parquet.clone(),
+                ..TableParquetOptions::default()
+            })
+            .with_enable_page_index(true);
+        if let Some(p) = predicate {
+            let df_schema = DFSchema::try_from(self.stored.clone())?;
+            source = source.with_predicate(state.create_physical_expr(p, &df_schema)?);
+        }
+        let file = |f: &&FileMeta| PartitionedFile::new(f.path.clone(), f.bytes);
+        let groups: Vec<FileGroup> = if sorted {
+            files
+                .iter()
+                .map(|f| FileGroup::new(vec![file(f)]))
+                .collect()
+        } else {
+            vec![FileGroup::new(files.iter().map(file).collect())]
+        };
+        let mut builder = FileScanConfigBuilder::new(self.lake_url.clone(), Arc::new(source))
+            .with_file_groups(groups)
+            .with_projection_indices(Some(projection.to_vec()))?;
+        if sorted {
+            builder = builder.with_output_ordering(vec![self.sort_order(&self.stored)?]);
+        }
+        Ok(DataSourceExec::from_data_source(builder.build()))
+    }
+}
+
+/// Projects `input` (whose columns are `from`, stored indices) to `to` (stored indices).
+fn project(
+    input: Arc<dyn ExecutionPlan>,
+    stored: &SchemaRef,
+    from: &[usize],
+    to: &[usize],
+) -> Result<Arc<dyn ExecutionPlan>> {
+    if from == to {
+        return Ok(input);
+    }
+    let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = to
+        .iter()
+        .map(|i| {
+            let name = stored.field(*i).name().clone();
+            let at = from.iter().position(|f| f == i).unwrap_or_default();
+            (
+                Arc::new(Column::new(&name, at))
+                    as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                name,
+            )
+        })
+        .collect();
+    Ok(Arc::new(ProjectionExec::try_new(exprs, input)?))
+}
+
+fn sorted_union(indices: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let set: BTreeSet<usize> = indices.into_iter().collect();
+    set.into_iter().collect()
+}
+
+/// Whether any two files' time ranges meet.
+fn files_overlap(files: &[&FileMeta]) -> bool {
+    let mut ranges: Vec<(i64, i64)> = files.iter().map(|f| (f.min_time, f.max_time)).collect();
+    ranges.sort_unstable();
+    ranges.windows(2).any(|w| w[1].0 <= w[0].1)
+}
+
+#[async_trait]
+impl TableProvider for LakeTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters only prune files, row groups and pages; DataFusion still applies them.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let user: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        let time_idx = self.index(TIME_COLUMN);
+        let mut range = TimeRange::from_filters(filters);
+        range.start = range.start.max(self.horizon);
+        let apply_horizon = self.horizon != i64::MIN;
+        // What every branch yields: the user's columns, plus time for the horizon filter.
+        let inner = if apply_horizon {
+            sorted_union(user.iter().copied().chain([time_idx]))
+        } else {
+            user.clone()
+        };
+        let with_keys = sorted_union(inner.iter().copied().chain(self.key_and_seq()));
+        let horizon_expr = lit(ScalarValue::TimestampNanosecond(Some(self.horizon), None));
+        let all_filters = conjunction(
+            filters
+                .iter()
+                .cloned()
+                .chain(apply_horizon.then(|| col(TIME_COLUMN).gt_eq(horizon_expr.clone()))),
+        );
+        let key_filters = conjunction(
+            filters
+                .iter()
+                .flat_map(|f| split_conjunction(f))
+                .filter(|f| self.is_key_filter(f))
+                .cloned()
+                .chain(apply_horizon.then(|| col(TIME_COLUMN).gt_eq(horizon_expr.clone()))),
+        );
+
+        // Files and buffered rows per partition, within the time range.
+        let mut files: BTreeMap<&str, Vec<&FileMeta>> = BTreeMap::new();
+        if let Some(m) = &self.snapshot.manifest {
+            for f in &m.files {
+                if range.overlaps(f.min_time, f.max_time) {
+                    files.entry(f.partition.as_str()).or_default().push(f);
+                }
+            }
+        }
+        let with_keys_schema = Arc::new(self.stored.project(&with_keys)?);
+        let mut buffered: BTreeMap<String, RecordBatch> = BTreeMap::new();
+        for (partition, batches) in &self.snapshot.buffered {
+            if !range.overlaps(partition.start, partition.end - 1) || batches.is_empty() {
+                continue;
+            }
+            let aligned: Vec<RecordBatch> = batches
+                .iter()
+                .map(|b| align(b, &with_keys_schema))
+                .collect::<std::result::Result<_, _>>()?;
+            let all = concat_aligned(&aligned, &with_keys_schema)?;
+            let in_range = filter_time(&all, range)?;
+            if in_range.num_rows() > 0 {
+                buffered.insert(partition.dir(), sort_dedup(&in_range)?);
+            }
+        }
+
+        let mut plain_files: Vec<&FileMeta> = Vec::new();
+        let mut branches: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        let partitions: BTreeSet<&str> = files
+            .keys()
+            .copied()
+            .chain(buffered.keys().map(String::as_str))
+            .collect();
+        for partition in partitions {
+            let part_files = files.get(partition).cloned().unwrap_or_default();
+            let buffer = buffered.get(partition);
+            if buffer.is_none() && !files_overlap(&part_files) {
+                plain_files.extend(part_files);
+                continue;
+            }
+            if part_files.is_empty() {
+                let batch = buffer.expect("a partition has files or buffered rows");
+                let positions: Vec<usize> = inner
+                    .iter()
+                    .map(|i| with_keys.iter().position(|k| k == i).unwrap_or_default())
+                    .collect();
+                let projected = batch.project(&positions)?;
+                branches.push(MemorySourceConfig::try_new_exec(
+                    &[vec![projected.clone()]],
+                    projected.schema(),
+                    None,
+                )?);
+                continue;
+            }
+            // Overlapping files, or files and buffered rows: merge by key, then dedup.
+            let mut inputs = vec![self.parquet_scan(
+                state,
+                &part_files,
+                &with_keys,
+                key_filters.clone(),
+                true,
+            )?];
+            if let Some(batch) = buffer {
+                let order = self.sort_order(&with_keys_schema)?;
+                let source = MemorySourceConfig::try_new(
+                    &[vec![batch.clone()]],
+                    with_keys_schema.clone(),
+                    None,
+                )?
+                .try_with_sort_information(vec![order])?;
+                inputs.push(DataSourceExec::from_data_source(source));
+            }
+            let union = UnionExec::try_new(inputs)?;
+            let order = self.sort_order(&with_keys_schema)?;
+            let merged = Arc::new(SortPreservingMergeExec::new(order.clone(), union));
+            let deduped = Arc::new(DedupExec::new(merged, order));
+            branches.push(project(deduped, &self.stored, &with_keys, &inner)?);
+        }
+        if !plain_files.is_empty() {
+            branches.push(self.parquet_scan(state, &plain_files, &inner, all_filters, false)?);
+        }
+        let inner_schema = Arc::new(self.stored.project(&inner)?);
+        let mut plan: Arc<dyn ExecutionPlan> = match branches.len() {
+            0 => Arc::new(EmptyExec::new(inner_schema.clone())),
+            _ => UnionExec::try_new(branches)?,
+        };
+        if apply_horizon {
+            let df_schema = DFSchema::try_from(inner_schema.clone())?;
+            let predicate =
+                state.create_physical_expr(col(TIME_COLUMN).gt_eq(horizon_expr), &df_schema)?;
+            plan = Arc::new(FilterExec::try_new(predicate, plan)?);
+        }
+        project(plan, &self.stored, &inner, &user)
+    }
+}
+
+/// Keeps the rows of a batch within a time range.
+fn filter_time(batch: &RecordBatch, range: TimeRange) -> Result<RecordBatch> {
+    if range == TimeRange::ALL {
+        return Ok(batch.clone());
+    }
+    let Some(time) = batch.column_by_name(TIME_COLUMN).and_then(|c| {
+        c.as_any()
+            .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+    }) else {
+        return Ok(batch.clone());
+    };
+    let keep: arrow::array::BooleanArray = time
+        .iter()
+        .map(|t| Some(t.is_some_and(|t| t >= range.start && t <= range.end)))
+        .collect();
+    Ok(arrow::compute::filter_record_batch(batch, &keep)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::logical_expr::col;
+
+    fn ts(v: i64) -> Expr {
+        lit(ScalarValue::TimestampNanosecond(Some(v), None))
+    }
+
+    #[test]
+    fn time_range_comes_from_plain_comparisons_of_time() {
+        let filters = vec![
+            col("time").gt_eq(ts(100)),
+            ts(200).gt(col("time")).and(col("host").eq(lit("a"))),
+            col("usage").gt(lit(5.0)),
+        ];
+        assert_eq!(
+            TimeRange::from_filters(&filters),
+            TimeRange {
+                start: 100,
+                end: 199
+            }
+        );
+        let between = vec![col("time").between(ts(5), ts(9))];
+        assert_eq!(
+            TimeRange::from_filters(&between),
+            TimeRange { start: 5, end: 9 }
+        );
+        // An OR says nothing about the range.
+        let or = vec![col("time").gt(ts(5)).or(col("time").lt(ts(1)))];
+        assert_eq!(TimeRange::from_filters(&or), TimeRange::ALL);
+    }
+}
