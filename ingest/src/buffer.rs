@@ -19,7 +19,8 @@ use crate::wal::WalApplier;
 /// One table's rows in one partition.
 #[derive(Debug, Default)]
 pub struct PartitionBuffer {
-    /// Batches not yet picked up by a flush, each with a `_seq` column, in sequence order.
+    /// Batches not yet picked up by a flush, each with a `_seq` column, in sequence order
+    /// of their writes; within a batch, rows are sorted by series and time.
     active: Vec<RecordBatch>,
     /// Batches being written to Parquet right now; still visible to readers.
     persisting: Vec<RecordBatch>,
@@ -90,13 +91,16 @@ pub struct WriteBuffer {
     freed: tokio::sync::Notify,
 }
 
-fn first_seq(batch: &RecordBatch) -> Option<u64> {
+fn seq_column(batch: &RecordBatch) -> Option<&UInt64Array> {
     batch
         .column_by_name(SEQ_COLUMN)?
         .as_any()
         .downcast_ref::<UInt64Array>()
-        .filter(|a| !a.is_empty())
-        .map(|a| a.value(0))
+}
+
+/// Lowest sequence of a batch (rows are in series order, not sequence order).
+fn first_seq(batch: &RecordBatch) -> Option<u64> {
+    arrow::compute::min(seq_column(batch)?)
 }
 
 /// Appends the `_seq` column to a batch.
@@ -176,6 +180,16 @@ impl WriteBuffer {
                 continue;
             }
             let batch = with_seq(&w.batch, seq);
+            // Each batch is kept as a sorted, deduplicated run (series, time), so that
+            // readers merge runs instead of sorting the buffer on every query.
+            let batch = match store::dedup::sort_dedup(&batch) {
+                Ok(sorted) => sorted,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not sort a buffered batch; kept as written");
+                    batch
+                }
+            };
+            let kept = batch.num_rows();
             let bytes = batch.get_array_memory_size();
             {
                 let table = self.table(&w.db, &w.table);
@@ -183,11 +197,12 @@ impl WriteBuffer {
                 let p = parts.entry(w.partition).or_default();
                 p.active.push(batch);
                 p.active_bytes += bytes;
-                p.active_rows += rows;
+                p.active_rows += kept;
                 p.active_min_seq.get_or_insert(seq);
                 p.oldest.get_or_insert_with(Instant::now);
             }
-            self.account(bytes as isize, rows as isize);
+            self.account(bytes as isize, kept as isize);
+            // Sequences were assigned per written row, duplicates included.
             seq += rows as u64;
         }
     }
@@ -259,12 +274,7 @@ impl WriteBuffer {
         let max_seq = p
             .persisting
             .last()
-            .and_then(|b| b.column_by_name(SEQ_COLUMN))
-            .and_then(|c| {
-                c.as_any()
-                    .downcast_ref::<UInt64Array>()
-                    .map(|a| a.value(a.len() - 1))
-            })
+            .and_then(|b| arrow::compute::max(seq_column(b)?))
             .unwrap_or(0);
         Some(FlushSnapshot {
             db: db.to_string(),

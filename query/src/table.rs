@@ -27,7 +27,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
-use store::dedup::{align, concat_aligned, sort_dedup};
+use store::dedup::align;
 use store::{ColumnType, FileMeta, SEQ_COLUMN, TIME_COLUMN, TableSnapshot};
 
 use crate::dedup::DedupExec;
@@ -348,19 +348,21 @@ impl TableProvider for LakeTable {
             }
         }
         let with_keys_schema = Arc::new(self.stored.project(&with_keys)?);
-        let mut buffered: BTreeMap<String, RecordBatch> = BTreeMap::new();
+        // The buffer's batches are sorted, deduplicated runs (see `ingest::buffer`).
+        let mut buffered: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
         for (partition, batches) in &self.snapshot.buffered {
-            if !range.overlaps(partition.start, partition.end - 1) || batches.is_empty() {
+            if !range.overlaps(partition.start, partition.end - 1) {
                 continue;
             }
-            let aligned: Vec<RecordBatch> = batches
-                .iter()
-                .map(|b| align(b, &with_keys_schema))
-                .collect::<std::result::Result<_, _>>()?;
-            let all = concat_aligned(&aligned, &with_keys_schema)?;
-            let in_range = filter_time(&all, range)?;
-            if in_range.num_rows() > 0 {
-                buffered.insert(partition.dir(), sort_dedup(&in_range)?);
+            let mut runs = Vec::new();
+            for b in batches {
+                let run = filter_time(&align(b, &with_keys_schema)?, range)?;
+                if run.num_rows() > 0 {
+                    runs.push(run);
+                }
+            }
+            if !runs.is_empty() {
+                buffered.insert(partition.dir(), runs);
             }
         }
 
@@ -378,40 +380,27 @@ impl TableProvider for LakeTable {
                 plain_files.extend(part_files);
                 continue;
             }
-            if part_files.is_empty() {
-                let batch = buffer.expect("a partition has files or buffered rows");
-                let positions: Vec<usize> = inner
-                    .iter()
-                    .map(|i| with_keys.iter().position(|k| k == i).unwrap_or_default())
-                    .collect();
-                let projected = batch.project(&positions)?;
-                branches.push(MemorySourceConfig::try_new_exec(
-                    &[vec![projected.clone()]],
-                    projected.schema(),
-                    None,
+            // Overlapping files, or files and buffered runs: merge by key, then dedup.
+            let order = self.sort_order(&with_keys_schema)?;
+            let mut inputs = Vec::new();
+            if !part_files.is_empty() {
+                inputs.push(self.parquet_scan(
+                    state,
+                    &part_files,
+                    &with_keys,
+                    key_filters.clone(),
+                    true,
                 )?);
-                continue;
             }
-            // Overlapping files, or files and buffered rows: merge by key, then dedup.
-            let mut inputs = vec![self.parquet_scan(
-                state,
-                &part_files,
-                &with_keys,
-                key_filters.clone(),
-                true,
-            )?];
-            if let Some(batch) = buffer {
-                let order = self.sort_order(&with_keys_schema)?;
-                let source = MemorySourceConfig::try_new(
-                    &[vec![batch.clone()]],
-                    with_keys_schema.clone(),
-                    None,
-                )?
-                .try_with_sort_information(vec![order])?;
+            if let Some(runs) = buffer {
+                let partitions: Vec<Vec<RecordBatch>> =
+                    runs.iter().map(|r| vec![r.clone()]).collect();
+                let source =
+                    MemorySourceConfig::try_new(&partitions, with_keys_schema.clone(), None)?
+                        .try_with_sort_information(vec![order.clone()])?;
                 inputs.push(DataSourceExec::from_data_source(source));
             }
             let union = UnionExec::try_new(inputs)?;
-            let order = self.sort_order(&with_keys_schema)?;
             let merged = Arc::new(SortPreservingMergeExec::new(order.clone(), union));
             let deduped = Arc::new(DedupExec::new(merged, order));
             branches.push(project(deduped, &self.stored, &with_keys, &inner)?);

@@ -103,6 +103,11 @@ struct Cli {
     /// Progress line interval.
     #[arg(long, default_value = "5s")]
     progress: String,
+    /// Target rate in rows per second over all connections (default: as fast as the
+    /// server takes them). Requests follow a fixed schedule, so a slow answer does not
+    /// lower the offered load.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Tokio worker threads of the load generator.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -255,6 +260,10 @@ async fn connection(sh: Arc<Shared>, client: reqwest::Client, headers: HeaderMap
             return;
         }
         let seq = sh.next_seq.fetch_add(1, Ordering::Relaxed);
+        if let Some(rate) = sh.cli.rate.filter(|r| *r > 0.0) {
+            let due = sh.t0 + Duration::from_secs_f64(seq as f64 * batch as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
         let rows = match sh.cli.rows {
             Some(total) => {
                 let first = seq.saturating_mul(batch);

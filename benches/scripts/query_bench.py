@@ -1,0 +1,154 @@
+"""TSBS cpu-only queries: Historian over HTTP (format=arrow) against DuckDB reading the same
+Parquet files, median of several runs each; or, with --under-load, query latencies while
+something else writes.
+
+Used by benches/scripts/query-bench.sh; runs with the test venv's Python (duckdb, pyarrow).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+
+import duckdb
+import pyarrow.ipc
+
+FIELDS = [
+    "usage_user", "usage_system", "usage_idle", "usage_nice", "usage_iowait",
+    "usage_irq", "usage_softirq", "usage_steal", "usage_guest", "usage_guest_nice",
+]
+
+
+def hosts(n, start=0, step=97):
+    return ", ".join(f"'host_{(start + i * step) % 1000}'" for i in range(n))
+
+
+def ts(hour):
+    day, h = divmod(hour, 24)
+    return f"TIMESTAMP '2026-01-{1 + day:02d} {h:02d}:00:00'"
+
+
+def queries(duckdb_dialect):
+    """The TSBS query set with fixed parameters (TSBS draws random hosts and windows)."""
+    def bucket(width):
+        fn = "time_bucket" if duckdb_dialect else "date_bin"
+        return f"{fn}(INTERVAL '{width}', time)"
+
+    def maxes(n):
+        return ", ".join(f"max({f}) AS {f}" for f in FIELDS[:n])
+
+    def avgs(n):
+        return ", ".join(f"avg({f}) AS {f}" for f in FIELDS[:n])
+
+    q = {}
+    for metrics, nhosts, hours in [(1, 1, 1), (1, 1, 12), (1, 8, 1), (5, 1, 1), (5, 1, 12), (5, 8, 1)]:
+        q[f"single-groupby-{metrics}-{nhosts}-{hours}"] = (
+            f"SELECT {bucket('1 minute')} AS minute, {maxes(metrics)} FROM cpu "
+            f"WHERE hostname IN ({hosts(nhosts, 11)}) AND time >= {ts(6)} AND time < {ts(6 + hours)} "
+            f"GROUP BY 1 ORDER BY 1")
+    for nhosts in [1, 8]:
+        q[f"cpu-max-all-{nhosts}"] = (
+            f"SELECT {bucket('1 hour')} AS hour, {maxes(10)} FROM cpu "
+            f"WHERE hostname IN ({hosts(nhosts, 23)}) AND time >= {ts(4)} AND time < {ts(12)} "
+            f"GROUP BY 1 ORDER BY 1")
+    for name, n in [("1", 1), ("5", 5), ("all", 10)]:
+        q[f"double-groupby-{name}"] = (
+            f"SELECT {bucket('1 hour')} AS hour, hostname, {avgs(n)} FROM cpu "
+            f"WHERE time >= {ts(3)} AND time < {ts(15)} GROUP BY 1, 2 ORDER BY 1, 2")
+    q["high-cpu-1"] = (
+        f"SELECT * FROM cpu WHERE usage_user > 90.0 AND time >= {ts(2)} AND time < {ts(14)} "
+        f"AND hostname IN ({hosts(1, 5)})")
+    q["high-cpu-all"] = (
+        f"SELECT * FROM cpu WHERE usage_user > 90.0 AND time >= {ts(2)} AND time < {ts(14)}")
+    q["lastpoint"] = "SELECT DISTINCT ON (hostname) * FROM cpu ORDER BY hostname, time DESC"
+    q["groupby-orderby-limit"] = (
+        f"SELECT {bucket('1 minute')} AS minute, max(usage_user) AS m FROM cpu "
+        f"WHERE time < {ts(20)} GROUP BY 1 ORDER BY 1 DESC LIMIT 5")
+    return q
+
+
+def historian(url, db, sql):
+    body = json.dumps({"db": db, "q": sql, "format": "arrow"}).encode()
+    req = urllib.request.Request(f"{url}/api/v3/query_sql", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        data = resp.read()
+    return pyarrow.ipc.open_stream(data).read_all().num_rows
+
+
+def timed(fn, runs):
+    times, rows = [], None
+    fn()  # warm-up: caches, file metadata
+    for _ in range(runs):
+        t = time.perf_counter()
+        rows = fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), rows
+
+
+def compare(args):
+    files = json.loads(open(args.files).read())
+    con = duckdb.connect()
+    con.execute(f"SET threads = {args.threads}")
+    listing = ", ".join("'" + f + "'" for f in files)
+    con.execute(f"CREATE VIEW cpu AS SELECT * EXCLUDE (_seq) FROM read_parquet([{listing}], union_by_name = true)")
+    ours, theirs = queries(False), queries(True)
+    print(f"| query | rows | Historian ms (HTTP, arrow) | DuckDB {duckdb.__version__} ms | ratio |")
+    print("|---|---|---|---|---|")
+    worst = []
+    for name in ours:
+        h_ms, h_rows = timed(lambda: historian(args.url, args.db, ours[name]), args.runs)
+        d_ms, d_rows = timed(lambda: con.execute(theirs[name]).arrow().num_rows, args.runs)
+        if h_rows != d_rows:
+            print(f"{name}: Historian returned {h_rows} rows, DuckDB {d_rows}", file=sys.stderr)
+            sys.exit(1)
+        ratio = h_ms / d_ms
+        worst.append((ratio, name))
+        print(f"| {name} | {h_rows} | {h_ms:.1f} | {d_ms:.1f} | {ratio:.2f} |", flush=True)
+    print(f"\nslowest relative to DuckDB: {max(worst)[1]} ({max(worst)[0]:.2f}x)", file=sys.stderr)
+
+
+def under_load(args):
+    """Dashboard-style queries over the data being written, back to back for --seconds."""
+    recent = {
+        "last-5m-per-minute-1-host": (
+            "SELECT date_bin(INTERVAL '1 minute', time) AS minute, max(usage_user) FROM cpu "
+            "WHERE hostname = 'host_7' AND time >= now() - INTERVAL '5 minutes' GROUP BY 1 ORDER BY 1"),
+        "last-1m-avg-per-host": (
+            "SELECT hostname, avg(usage_user) FROM cpu "
+            "WHERE time >= now() - INTERVAL '1 minute' GROUP BY 1 ORDER BY 2 DESC LIMIT 10"),
+        "last-15m-count": "SELECT count(*) FROM cpu WHERE time >= now() - INTERVAL '15 minutes'",
+    }
+    lat = {k: [] for k in recent}
+    end = time.time() + args.seconds
+    while time.time() < end:
+        for name, sql in recent.items():
+            t = time.perf_counter()
+            historian(args.url, args.db, sql)
+            lat[name].append((time.perf_counter() - t) * 1000)
+    print("| query | runs | p50 ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|")
+    for name, v in lat.items():
+        v.sort()
+        p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
+        print(f"| {name} | {len(v)} | {p(0.5):.1f} | {p(0.99):.1f} | {v[-1]:.1f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="http://127.0.0.1:18181")
+    ap.add_argument("--db", default="bench")
+    ap.add_argument("--files", help="JSON list of the table's Parquet files")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--under-load", action="store_true")
+    ap.add_argument("--seconds", type=float, default=60)
+    args = ap.parse_args()
+    under_load(args) if args.under_load else compare(args)
+
+
+if __name__ == "__main__":
+    main()
