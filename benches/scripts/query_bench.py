@@ -101,7 +101,7 @@ def compare(args):
     worst = []
     for name in ours:
         h_ms, h_rows = timed(lambda: historian(args.url, args.db, ours[name]), args.runs)
-        d_ms, d_rows = timed(lambda: con.execute(theirs[name]).arrow().num_rows, args.runs)
+        d_ms, d_rows = timed(lambda: con.execute(theirs[name]).to_arrow_table().num_rows, args.runs)
         if h_rows != d_rows:
             print(f"{name}: Historian returned {h_rows} rows, DuckDB {d_rows}", file=sys.stderr)
             sys.exit(1)

@@ -275,11 +275,75 @@ fn sorted_union(indices: impl IntoIterator<Item = usize>) -> Vec<usize> {
     set.into_iter().collect()
 }
 
-/// Whether any two files' time ranges meet.
-fn files_overlap(files: &[&FileMeta]) -> bool {
+/// The time intervals (closed, disjoint, sorted) where rows of a partition may have
+/// duplicates: where two files' ranges meet, and all of the buffered rows' range (its runs
+/// overlap each other).
+fn overlap_intervals(files: &[&FileMeta], buffer: Option<(i64, i64)>) -> Vec<(i64, i64)> {
     let mut ranges: Vec<(i64, i64)> = files.iter().map(|f| (f.min_time, f.max_time)).collect();
-    ranges.sort_unstable();
-    ranges.windows(2).any(|w| w[1].0 <= w[0].1)
+    let mut meets: Vec<(i64, i64)> = Vec::new();
+    if let Some(b) = buffer {
+        meets.push(b);
+        ranges.push(b);
+    }
+    for i in 0..ranges.len() {
+        for j in i + 1..ranges.len() {
+            let (a, b) = (ranges[i].0.max(ranges[j].0), ranges[i].1.min(ranges[j].1));
+            if a <= b {
+                meets.push((a, b));
+            }
+        }
+    }
+    meets.sort_unstable();
+    let mut merged: Vec<(i64, i64)> = Vec::new();
+    for (a, b) in meets {
+        match merged.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    merged
+}
+
+/// Smallest and largest time of buffered runs.
+fn time_bounds(runs: &[RecordBatch]) -> (i64, i64) {
+    let mut bounds = (i64::MAX, i64::MIN);
+    for run in runs {
+        if let Some(t) = run.column_by_name(TIME_COLUMN).and_then(|c| {
+            c.as_any()
+                .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+        }) {
+            if let Some(min) = arrow::compute::min(t) {
+                bounds.0 = bounds.0.min(min);
+            }
+            if let Some(max) = arrow::compute::max(t) {
+                bounds.1 = bounds.1.max(max);
+            }
+        }
+    }
+    bounds
+}
+
+/// `time` within any of the intervals.
+fn intervals_expr(intervals: &[(i64, i64)]) -> Expr {
+    let ts = |v: i64| lit(ScalarValue::TimestampNanosecond(Some(v), None));
+    intervals
+        .iter()
+        .map(|(a, b)| col(TIME_COLUMN).between(ts(*a), ts(*b)))
+        .reduce(Expr::or)
+        .unwrap_or(lit(false))
+}
+
+/// Applies `predicate` to every row of `input` (columns `cols`, stored indices).
+fn exact_filter(
+    state: &dyn Session,
+    input: Arc<dyn ExecutionPlan>,
+    stored: &SchemaRef,
+    cols: &[usize],
+    predicate: Expr,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let df_schema = DFSchema::try_from(Arc::new(stored.project(cols)?))?;
+    let predicate = state.create_physical_expr(predicate, &df_schema)?;
+    Ok(Arc::new(FilterExec::try_new(predicate, input)?))
 }
 
 #[async_trait]
@@ -373,24 +437,51 @@ impl TableProvider for LakeTable {
             .copied()
             .chain(buffered.keys().map(String::as_str))
             .collect();
+        let with_time = sorted_union(inner.iter().copied().chain([time_idx]));
         for partition in partitions {
             let part_files = files.get(partition).cloned().unwrap_or_default();
             let buffer = buffered.get(partition);
-            if buffer.is_none() && !files_overlap(&part_files) {
+            // Only rows at times where two sources meet can be duplicates: those go
+            // through the merge, the rest of each file is read as it is.
+            let overlaps = overlap_intervals(&part_files, buffer.map(|runs| time_bounds(runs)));
+            if overlaps.is_empty() {
                 plain_files.extend(part_files);
                 continue;
             }
-            // Overlapping files, or files and buffered runs: merge by key, then dedup.
+            let inside = intervals_expr(&overlaps);
+            let outside = Expr::Not(Box::new(inside.clone()));
+            let (merged_files, rest): (Vec<&FileMeta>, Vec<&FileMeta>) =
+                part_files.iter().partition(|f| {
+                    overlaps
+                        .iter()
+                        .any(|(a, b)| f.min_time <= *b && f.max_time >= *a)
+                });
+            plain_files.extend(rest);
+            let partly_outside: Vec<&FileMeta> = merged_files
+                .iter()
+                .copied()
+                .filter(|f| {
+                    !overlaps
+                        .iter()
+                        .any(|(a, b)| *a <= f.min_time && f.max_time <= *b)
+                })
+                .collect();
+            if !partly_outside.is_empty() {
+                let predicate =
+                    conjunction(all_filters.clone().into_iter().chain([outside.clone()]));
+                let scan =
+                    self.parquet_scan(state, &partly_outside, &with_time, predicate, false)?;
+                let kept = exact_filter(state, scan, &self.stored, &with_time, outside)?;
+                branches.push(project(kept, &self.stored, &with_time, &inner)?);
+            }
+            // Overlapping files and buffered runs, within the overlaps: merge by key, dedup.
             let order = self.sort_order(&with_keys_schema)?;
             let mut inputs = Vec::new();
-            if !part_files.is_empty() {
-                inputs.push(self.parquet_scan(
-                    state,
-                    &part_files,
-                    &with_keys,
-                    key_filters.clone(),
-                    true,
-                )?);
+            if !merged_files.is_empty() {
+                let predicate =
+                    conjunction(key_filters.clone().into_iter().chain([inside.clone()]));
+                let scan = self.parquet_scan(state, &merged_files, &with_keys, predicate, true)?;
+                inputs.push(exact_filter(state, scan, &self.stored, &with_keys, inside)?);
             }
             if let Some(runs) = buffer {
                 let partitions: Vec<Vec<RecordBatch>> =
@@ -472,5 +563,33 @@ mod tests {
         // An OR says nothing about the range.
         let or = vec![col("time").gt(ts(5)).or(col("time").lt(ts(1)))];
         assert_eq!(TimeRange::from_filters(&or), TimeRange::ALL);
+    }
+
+    fn file(min_time: i64, max_time: i64) -> FileMeta {
+        FileMeta {
+            path: String::new(),
+            partition: String::new(),
+            rows: 1,
+            bytes: 1,
+            min_time,
+            max_time,
+            min_seq: 0,
+            max_seq: 0,
+            schema_version: 1,
+            compacted: false,
+        }
+    }
+
+    #[test]
+    fn only_where_sources_meet_is_merged() {
+        let (a, b, c) = (file(0, 10), file(10, 20), file(30, 40));
+        assert_eq!(overlap_intervals(&[&a, &c], None), vec![]);
+        assert_eq!(overlap_intervals(&[&a, &b, &c], None), vec![(10, 10)]);
+        // The buffer's whole range, and where it meets a file.
+        assert_eq!(
+            overlap_intervals(&[&a, &b, &c], Some((18, 25))),
+            vec![(10, 10), (18, 25)]
+        );
+        assert_eq!(overlap_intervals(&[&a, &c], Some((5, 31))), vec![(5, 31)]);
     }
 }
