@@ -3,6 +3,7 @@
 # 10 s apart, 28 hours), Historian over HTTP (format=arrow) against DuckDB reading the same
 # Parquet files, median of RUNS runs each; then query latencies while the load generator
 # writes at RATE rows/s; then the server's RSS while it streams a 10M-row CSV result.
+# EXTRA_CONFIG is appended to the server's config file (e.g. a [query] section).
 #
 #   cargo build --release -p historian -p historian-benches
 #   bash .ci/run   # once: creates the Python venv with duckdb and pyarrow
@@ -27,6 +28,7 @@ cat > "$WORK/historian.toml" <<TOML
 [persist]
 # Compact each day partition down to its final files soon after the load.
 closed_after = "5s"
+${EXTRA_CONFIG:-}
 TOML
 "$BIN/historian" serve --config "$WORK/historian.toml" --data-dir "$WORK/data" \
     --http-bind 127.0.0.1:18181 > "$WORK/server.log" 2>&1 &

@@ -123,12 +123,16 @@ def under_load(args):
         "last-15m-count": "SELECT count(*) FROM cpu WHERE time >= now() - INTERVAL '15 minutes'",
     }
     lat = {k: [] for k in recent}
-    end = time.time() + args.seconds
+    start = time.time()
+    end = start + args.seconds
     while time.time() < end:
         for name, sql in recent.items():
             t = time.perf_counter()
             historian(args.url, args.db, sql)
-            lat[name].append((time.perf_counter() - t) * 1000)
+            ms = (time.perf_counter() - t) * 1000
+            lat[name].append(ms)
+            if ms > 1000:
+                print(f"slow: {name} {ms:.0f} ms at {time.time() - start:.1f} s", file=sys.stderr)
     print("| query | runs | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|")
     for name, v in lat.items():

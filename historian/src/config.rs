@@ -176,6 +176,8 @@ pub struct QuerySection {
     pub queue_timeout: Duration,
     /// Where queries spill; default `<data_dir>/spill`.
     pub spill_dir: Option<PathBuf>,
+    /// Evaluate filters while decoding Parquet (late materialisation).
+    pub parquet_pushdown_filters: bool,
 }
 
 impl Default for QuerySection {
@@ -187,6 +189,7 @@ impl Default for QuerySection {
             max_concurrent: q.max_concurrent,
             queue_timeout: q.queue_timeout,
             spill_dir: None,
+            parquet_pushdown_filters: q.parquet_pushdown_filters,
         }
     }
 }
@@ -329,6 +332,7 @@ impl Config {
                     .clone()
                     .unwrap_or_else(|| data_dir.join("spill")),
             ),
+            parquet_pushdown_filters: self.query.parquet_pushdown_filters,
             ..query::QueryConfig::default()
         })
     }

@@ -16,6 +16,9 @@ use datafusion::catalog::{
 };
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::cache::cache_manager::{
+    CacheManager, CacheManagerConfig, FileMetadataCache,
+};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
@@ -54,6 +57,9 @@ pub struct QueryConfig {
     pub target_partitions: usize,
     /// Where operators spill; `None` = the system's temporary directory.
     pub spill_dir: Option<PathBuf>,
+    /// Evaluate filters while decoding Parquet (late materialisation): fewer values
+    /// decoded for selective filters, more work for filters that keep most rows.
+    pub parquet_pushdown_filters: bool,
 }
 
 impl Default for QueryConfig {
@@ -67,6 +73,7 @@ impl Default for QueryConfig {
                 .map(|n| n.get())
                 .unwrap_or(2),
             spill_dir: None,
+            parquet_pushdown_filters: true,
         }
     }
 }
@@ -154,6 +161,9 @@ impl ObjectStoreRegistry for LakeOnlyRegistry {
 #[derive(Debug)]
 pub struct QueryEngine {
     source: Arc<dyn TableSource>,
+    /// Parquet footers and page indexes, shared by all queries: files are immutable and
+    /// their paths never reused, so an entry never goes stale.
+    metadata_cache: Arc<FileMetadataCache>,
     registry: Arc<LakeOnlyRegistry>,
     config: QueryConfig,
     slots: Arc<Semaphore>,
@@ -169,8 +179,12 @@ impl QueryEngine {
         metrics: Arc<QueryMetrics>,
     ) -> Self {
         let url = Url::parse(LAKE_URL).expect("a valid constant URL");
+        let metadata_cache = CacheManager::try_new(&CacheManagerConfig::default())
+            .map(|m| m.get_file_metadata_cache())
+            .expect("the default cache configuration is valid");
         QueryEngine {
             source,
+            metadata_cache,
             registry: Arc::new(LakeOnlyRegistry { url, store: lake }),
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             config,
@@ -200,7 +214,7 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_target_partitions(self.config.target_partitions.max(1));
         let options = config.options_mut();
-        options.execution.parquet.pushdown_filters = true;
+        options.execution.parquet.pushdown_filters = self.config.parquet_pushdown_filters;
         options.execution.parquet.reorder_filters = true;
         let mode = match &self.config.spill_dir {
             Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
@@ -210,6 +224,10 @@ impl QueryEngine {
             .with_memory_pool(Arc::new(FairSpillPool::new(self.config.memory_limit_bytes)))
             .with_object_store_registry(self.registry.clone())
             .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
+            .with_cache_manager(
+                CacheManagerConfig::default()
+                    .with_file_metadata_cache(Some(self.metadata_cache.clone())),
+            )
             .build_arc()
             .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
         let lake_url = ObjectStoreUrl::parse(LAKE_URL).expect("a valid constant URL");
