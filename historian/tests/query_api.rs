@@ -372,6 +372,11 @@ max_files_per_partition = 3
     let mut checks = 0;
     while !writer.is_finished() {
         let before = acked.load(Ordering::SeqCst) as i64;
+        if before == 0 {
+            // The database exists once the first write is acknowledged.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
         let r = rows(
             &server,
             "db",
@@ -379,9 +384,6 @@ max_files_per_partition = 3
         )
         .await;
         let after = acked.load(Ordering::SeqCst) as i64;
-        if before == 0 {
-            continue;
-        }
         let (n, d) = (r[0]["n"].as_i64().unwrap(), r[0]["d"].as_i64().unwrap());
         assert_eq!(n, d, "a row came back twice");
         assert!(n >= before && n <= after, "{before} <= {n} <= {after}");
