@@ -335,7 +335,30 @@ async fn last_write_wins_across_buffer_and_files() {
     // A filter on a field never sees the older version of a row.
     let r = rows(&server, "db", "SELECT host FROM m WHERE x = 1").await;
     assert!(r.is_empty(), "{r:?}");
-    assert_eq!(count(&server, "db", "m").await, 2);
+    // The latest row per series, through the lastpoint fast path: it reads no Parquet scan
+    // node but gives the merged row.
+    let lastpoint = "SELECT DISTINCT ON (host) host, x, y FROM m ORDER BY host, time DESC";
+    let r = rows(&server, "db", lastpoint).await;
+    assert_eq!(
+        r,
+        vec![
+            json!({"host": "a", "x": 2.0, "y": 10.0}),
+            json!({"host": "b", "x": 5.0})
+        ]
+    );
+    let plan = rows(&server, "db", &format!("EXPLAIN {lastpoint}")).await;
+    let physical = plan[1]["plan"].as_str().unwrap();
+    assert!(!physical.contains("file_type=parquet"), "{physical}");
+    write(&server, "db", format!("m,host=b x=6 {}\n", t + 1)).await;
+    let r = rows(&server, "db", lastpoint).await;
+    assert_eq!(
+        r,
+        vec![
+            json!({"host": "a", "x": 2.0, "y": 10.0}),
+            json!({"host": "b", "x": 6.0})
+        ]
+    );
+    assert_eq!(count(&server, "db", "m").await, 3);
 }
 
 #[tokio::test]

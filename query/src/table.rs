@@ -121,7 +121,7 @@ fn timestamp_ns(value: &ScalarValue) -> Option<i64> {
 }
 
 /// A table of one snapshot.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LakeTable {
     snapshot: TableSnapshot,
     /// Columns plus `_seq`, as stored.
@@ -157,6 +157,16 @@ impl LakeTable {
     /// The snapshot the table reads.
     pub fn snapshot(&self) -> &TableSnapshot {
         &self.snapshot
+    }
+
+    /// Rows before this time (ns) are past the TTL.
+    pub fn horizon(&self) -> i64 {
+        self.horizon
+    }
+
+    /// The object store URL the files are read from.
+    pub fn lake_url(&self) -> &ObjectStoreUrl {
+        &self.lake_url
     }
 
     fn index(&self, name: &str) -> usize {

@@ -13,12 +13,13 @@ use datafusion::optimizer::Analyzer;
 use datafusion::prelude::SessionContext;
 
 /// Adds the gap-fill rewrite (after DataFusion's own analyzer rules, so it sees coerced
-/// types) and the planner of its plan node.
+/// types), the planner of its plan node, and the lastpoint fast path.
 pub fn install(builder: SessionStateBuilder) -> SessionStateBuilder {
     let mut rules = Analyzer::new().rules;
     rules.push(Arc::new(gapfill::GapFillRule));
     builder
         .with_analyzer_rules(rules)
+        .with_optimizer_rule(Arc::new(crate::lastpoint::LastPointRule))
         .with_query_planner(Arc::new(gapfill::HistorianQueryPlanner))
 }
 

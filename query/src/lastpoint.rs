@@ -1,0 +1,389 @@
+//! The fast path for the latest row per series (TSBS `lastpoint`, `DISTINCT ON (tags) ...
+//! ORDER BY tags, time DESC`).
+//!
+//! DataFusion plans such a query as `first_value(... ORDER BY time DESC)` grouped by tags,
+//! over every row. Since files are sorted by series then time, each series' last row in a
+//! file is the row before the series key changes: [`LastPointRule`] swaps the scan under
+//! such an aggregate for [`LastPointTable`], which reads only the tag and time columns to
+//! find those rows, fetches just them, and adds the buffer's. The aggregate above then runs
+//! over one candidate per series and source instead of over the table.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::Transformed;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{TableType, provider_as_source, source_as_provider};
+use datafusion::logical_expr::{
+    Aggregate, Expr, LogicalPlan, TableProviderFilterPushDown, TableScan,
+};
+use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
+use datafusion::physical_plan::ExecutionPlan;
+use futures::StreamExt;
+use object_store::path::Path;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::RowSelection;
+#[allow(deprecated)]
+use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use store::dedup::{align, concat_aligned, sort_dedup};
+use store::{ColumnType, FileMeta, SEQ_COLUMN, TIME_COLUMN};
+
+use crate::table::LakeTable;
+
+/// Rows at which the tag key changes, over consecutive batches of one sorted stream.
+struct SeriesEnds {
+    converter: Option<RowConverter>,
+    /// The last row seen and its key (none for a table without tags).
+    pending: Option<(usize, Option<OwnedRow>)>,
+    offset: usize,
+    ends: Vec<usize>,
+}
+
+impl SeriesEnds {
+    fn new() -> Self {
+        SeriesEnds {
+            converter: None,
+            pending: None,
+            offset: 0,
+            ends: Vec::new(),
+        }
+    }
+
+    fn keys(&mut self, tags: &[ArrayRef]) -> Result<Rows> {
+        if self.converter.is_none() {
+            let fields = tags
+                .iter()
+                .map(|c| SortField::new(c.data_type().clone()))
+                .collect();
+            self.converter = Some(RowConverter::new(fields)?);
+        }
+        let converter = self.converter.as_ref().expect("set above");
+        Ok(converter.convert_columns(tags)?)
+    }
+
+    /// Feeds the tag columns of the next batch (`rows` rows).
+    fn push(&mut self, tags: &[ArrayRef], rows: usize) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        if tags.is_empty() {
+            // No tags: one series, whose last row is the stream's last.
+            self.offset += rows;
+            self.pending = Some((self.offset - 1, None));
+            return Ok(());
+        }
+        let keys = self.keys(tags)?;
+        if let Some((at, Some(key))) = self.pending.take()
+            && key.row() != keys.row(0)
+        {
+            self.ends.push(at);
+        }
+        for i in 0..rows - 1 {
+            if keys.row(i) != keys.row(i + 1) {
+                self.ends.push(self.offset + i);
+            }
+        }
+        self.pending = Some((self.offset + rows - 1, Some(keys.row(rows - 1).owned())));
+        self.offset += rows;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Vec<usize> {
+        if let Some((at, _)) = self.pending.take() {
+            self.ends.push(at);
+        }
+        self.ends
+    }
+}
+
+fn tag_columns(batch: &RecordBatch) -> Vec<ArrayRef> {
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .filter(|(f, _)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
+        .map(|(_, c)| c.clone())
+        .collect()
+}
+
+/// The last row of each series in a batch sorted by series then time.
+fn last_per_series(batch: &RecordBatch) -> Result<RecordBatch> {
+    let mut ends = SeriesEnds::new();
+    ends.push(&tag_columns(batch), batch.num_rows())?;
+    let picks =
+        arrow::array::UInt32Array::from_iter_values(ends.finish().into_iter().map(|i| i as u32));
+    let columns: Vec<ArrayRef> = batch
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c.as_ref(), &picks, None))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
+
+fn external(e: impl std::error::Error + Send + Sync + 'static) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+/// Each series' last rows of one sorted file, with the columns of `target` it has.
+// `ParquetObjectReader` is deprecated in parquet 59.3 in favour of a hand-written
+// `AsyncFileReader`; it still reads ranges of an object store correctly, which is all this
+// needs. Replace it together with the flush and compaction readers.
+#[allow(deprecated)]
+async fn file_candidates(
+    store: Arc<dyn object_store::ObjectStore>,
+    file: &FileMeta,
+    target: &SchemaRef,
+) -> Result<RecordBatch> {
+    let reader = ParquetObjectReader::new(store.clone(), Path::from(file.path.as_str()))
+        .with_file_size(file.bytes);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(external)?;
+    let file_schema = builder.schema().clone();
+    let key_indices: Vec<usize> = file_schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| {
+            f.name() == TIME_COLUMN
+                || ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), key_indices);
+    let mut stream = builder.with_projection(mask).build().map_err(external)?;
+    let mut ends = SeriesEnds::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(external)?;
+        ends.push(&tag_columns(&batch), batch.num_rows())?;
+    }
+    let total = ends.offset;
+    let picks = ends.finish();
+    if picks.is_empty() {
+        return Ok(RecordBatch::new_empty(target.clone()));
+    }
+    let wanted: Vec<usize> = file_schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| target.index_of(f.name()).is_ok())
+        .map(|(i, _)| i)
+        .collect();
+    let reader =
+        ParquetObjectReader::new(store, Path::from(file.path.as_str())).with_file_size(file.bytes);
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(external)?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
+    let selection = RowSelection::from_consecutive_ranges(picks.iter().map(|&i| i..i + 1), total);
+    let mut stream = builder
+        .with_projection(mask)
+        .with_row_selection(selection)
+        .build()
+        .map_err(external)?;
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        batches.push(batch.map_err(external)?);
+    }
+    Ok(concat_aligned(&batches, target)?)
+}
+
+/// A table that yields, per series, its latest row (and, where sources overlap, the
+/// versions needed to merge it), for the aggregate of a lastpoint query.
+#[derive(Debug)]
+pub struct LastPointTable {
+    table: Arc<LakeTable>,
+}
+
+#[async_trait]
+impl TableProvider for LastPointTable {
+    fn schema(&self) -> SchemaRef {
+        self.table.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![
+            TableProviderFilterPushDown::Unsupported;
+            filters.len()
+        ])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let stored = self.table.snapshot().schema.arrow_schema();
+        let user: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.table.schema().fields().len()).collect(),
+        };
+        let keys: BTreeSet<usize> = stored
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                f.name() == TIME_COLUMN
+                    || f.name() == SEQ_COLUMN
+                    || ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag)
+            })
+            .map(|(i, _)| i)
+            .chain(user.iter().copied())
+            .collect();
+        let cols: Vec<usize> = keys.into_iter().collect();
+        let target = Arc::new(stored.project(&cols)?);
+        let horizon = self.table.horizon();
+        let store = state.runtime_env().object_store(self.table.lake_url())?;
+        let mut candidates = Vec::new();
+        if let Some(m) = &self.table.snapshot().manifest {
+            for f in m.files.iter().filter(|f| f.max_time >= horizon) {
+                candidates.push(file_candidates(store.clone(), f, &target).await?);
+            }
+        }
+        for (_, runs) in &self.table.snapshot().buffered {
+            for run in runs {
+                candidates.push(last_per_series(&align(run, &target)?)?);
+            }
+        }
+        let all = concat_aligned(&candidates, &target)?;
+        let latest = last_per_series(&sort_dedup(&all)?)?;
+        let latest = store::dedup::filter_horizon(&latest, horizon)?;
+        let positions: Vec<usize> = user
+            .iter()
+            .map(|u| cols.iter().position(|c| c == u).unwrap_or_default())
+            .collect();
+        let projected = latest.project(&positions)?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[vec![projected.clone()]],
+            projected.schema(),
+            None,
+        )?)
+    }
+}
+
+/// Swaps the scan under a lastpoint-shaped aggregate for a [`LastPointTable`].
+#[derive(Debug, Default)]
+pub struct LastPointRule;
+
+fn is_lastpoint(agg: &Aggregate, scan: &TableScan, table: &LakeTable) -> bool {
+    let tags: BTreeSet<&str> = table.snapshot().schema.tags().collect();
+    let group_ok = !agg.group_expr.is_empty()
+        && agg
+            .group_expr
+            .iter()
+            .all(|e| matches!(e, Expr::Column(c) if tags.contains(c.name.as_str())));
+    let aggr_ok = agg.aggr_expr.iter().all(|e| {
+        let Expr::AggregateFunction(f) = e.clone().unalias_nested().data else {
+            return false;
+        };
+        if f.func.name() != "first_value" || f.params.filter.is_some() || f.params.distinct {
+            return false;
+        }
+        let mut saw_time = false;
+        for s in &f.params.order_by {
+            match &s.expr {
+                Expr::Column(c) if c.name == TIME_COLUMN && !s.asc => saw_time = true,
+                Expr::Column(c) if tags.contains(c.name.as_str()) && !saw_time => {}
+                _ => return false,
+            }
+        }
+        saw_time
+    });
+    group_ok && aggr_ok && scan.filters.is_empty() && scan.fetch.is_none()
+}
+
+impl OptimizerRule for LastPointRule {
+    fn name(&self) -> &str {
+        "historian_last_point"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        Some(ApplyOrder::BottomUp)
+    }
+
+    fn supports_rewrite(&self) -> bool {
+        true
+    }
+
+    fn rewrite(
+        &self,
+        plan: LogicalPlan,
+        _config: &dyn OptimizerConfig,
+    ) -> Result<Transformed<LogicalPlan>> {
+        let LogicalPlan::Aggregate(agg) = &plan else {
+            return Ok(Transformed::no(plan));
+        };
+        let LogicalPlan::TableScan(scan) = agg.input.as_ref() else {
+            return Ok(Transformed::no(plan));
+        };
+        let Ok(provider) = source_as_provider(&scan.source) else {
+            return Ok(Transformed::no(plan));
+        };
+        let Some(table) = provider.downcast_ref::<LakeTable>() else {
+            return Ok(Transformed::no(plan));
+        };
+        if !is_lastpoint(agg, scan, table) {
+            return Ok(Transformed::no(plan));
+        }
+        let table = Arc::new(table.clone());
+        let new_scan = TableScan {
+            source: provider_as_source(Arc::new(LastPointTable { table })),
+            ..scan.clone()
+        };
+        let new_agg = Aggregate::try_new_with_schema(
+            Arc::new(LogicalPlan::TableScan(new_scan)),
+            agg.group_expr.clone(),
+            agg.aggr_expr.clone(),
+            agg.schema.clone(),
+        )?;
+        Ok(Transformed::yes(LogicalPlan::Aggregate(new_agg)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use store::dedup::fixtures::batch;
+
+    #[test]
+    fn series_ends_span_batches() {
+        let sorted = sort_dedup(&batch(&[
+            ("a", 1, Some(1.0), None, 1),
+            ("a", 2, Some(2.0), None, 2),
+            ("b", 1, Some(3.0), None, 3),
+            ("c", 5, Some(4.0), None, 4),
+            ("c", 6, Some(5.0), None, 5),
+        ]))
+        .unwrap();
+        let last = last_per_series(&sorted).unwrap();
+        let t = last.column_by_name("time").unwrap();
+        let t = t
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+            .unwrap();
+        assert_eq!(t.values(), &[2, 1, 6]);
+        // The same stream in pieces: the end of "a" falls on a batch boundary.
+        let mut ends = SeriesEnds::new();
+        for (start, len) in [(0, 2), (2, 2), (4, 1)] {
+            let part = sorted.slice(start, len);
+            ends.push(&tag_columns(&part), len).unwrap();
+        }
+        assert_eq!(ends.finish(), vec![1, 2, 4]);
+    }
+}
