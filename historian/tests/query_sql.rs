@@ -416,6 +416,40 @@ async fn time_weighted_average_holds_each_value_until_the_next() {
             json!({"s": "b", "minute": m(1), "twa": 1.0}),
         ]
     );
+    // A range that starts after a's first samples: the value a held then (20, found by
+    // looking back before the range) holds into the first buckets.
+    let later =
+        "time >= TIMESTAMP '2026-01-01 00:01:00' AND time < TIMESTAMP '2026-01-01 00:04:00'";
+    let got = rows(
+        &server,
+        "plant",
+        &format!(
+            "SELECT s, CAST(date_bin_gapfill(INTERVAL '1 minute', time) AS BIGINT) AS minute, \
+             time_weighted_avg(v, time) AS twa FROM signal WHERE {later} GROUP BY 1, 2 ORDER BY 1, 2"
+        ),
+    )
+    .await;
+    assert_eq!(
+        got,
+        vec![
+            json!({"s": "a", "minute": m(1), "twa": 20.0}),
+            json!({"s": "a", "minute": m(2), "twa": 30.0}),
+            json!({"s": "a", "minute": m(3), "twa": 40.0}),
+            json!({"s": "b", "minute": m(1), "twa": 1.0}),
+            json!({"s": "b", "minute": m(2), "twa": 1.0}),
+            json!({"s": "b", "minute": m(3), "twa": 1.0}),
+        ]
+    );
+    let got = rows(
+        &server,
+        "plant",
+        &format!(
+            "SELECT s, CAST(date_bin(INTERVAL '1 minute', time) AS BIGINT) AS minute, \
+             time_weighted_avg(v, time) AS twa FROM signal WHERE s = 'a' AND {later} GROUP BY 1, 2"
+        ),
+    )
+    .await;
+    assert_eq!(got, vec![json!({"s": "a", "minute": m(2), "twa": 30.0})]);
     // Whole series: from its first sample to its last (10 for 30 s, 20 for 120 s).
     let got = rows(
         &server,

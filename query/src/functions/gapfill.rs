@@ -155,12 +155,20 @@ pub struct GapFill {
     range: (Option<i64>, Option<i64>),
     /// Whether to add missing buckets (date_bin_gapfill) or only finish the summaries.
     fill_gaps: bool,
+    /// For time-weighted averages: each series' last value (one column per average, after
+    /// the series columns) in the [`LOOKBACK`] before the range, held into its first bucket.
+    lookback: Option<LogicalPlan>,
     schema: DFSchemaRef,
 }
+
+/// How far before a query's range the time-weighted average looks for the value a series
+/// held when the range began.
+pub const LOOKBACK_NS: i64 = 24 * 3_600_000_000_000;
 
 impl PartialEq for GapFill {
     fn eq(&self, other: &Self) -> bool {
         self.input == other.input
+            && self.lookback == other.lookback
             && self.time == other.time
             && self.series == other.series
             && self.fills == other.fills
@@ -175,6 +183,7 @@ impl Eq for GapFill {}
 impl Hash for GapFill {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.input.hash(state);
+        self.lookback.hash(state);
         self.time.hash(state);
         self.series.hash(state);
         self.fills.hash(state);
@@ -238,7 +247,9 @@ impl UserDefinedLogicalNodeCore for GapFill {
     }
 
     fn inputs(&self) -> Vec<&LogicalPlan> {
-        vec![&self.input]
+        std::iter::once(&self.input)
+            .chain(self.lookback.as_ref())
+            .collect()
     }
 
     fn schema(&self) -> &DFSchemaRef {
@@ -273,10 +284,12 @@ impl UserDefinedLogicalNodeCore for GapFill {
         _exprs: Vec<Expr>,
         mut inputs: Vec<LogicalPlan>,
     ) -> Result<Self> {
+        let lookback = (inputs.len() > 1).then(|| inputs.swap_remove(1));
         let input = inputs.swap_remove(0);
         Ok(GapFill {
             schema: GapFill::output_schema(input.schema(), &self.fills, &self.derived)?,
             input,
+            lookback,
             ..self.clone()
         })
     }
@@ -552,8 +565,13 @@ fn rewrite_aggregate(agg: Aggregate) -> Result<Transformed<LogicalPlan>> {
             (column(i), fill)
         })
         .collect::<Vec<_>>();
+    let lookback = match range.0 {
+        Some(start) if !twa_at.is_empty() => Some(lookback_plan(&agg, time_at, start)?),
+        _ => None,
+    };
     let input = LogicalPlan::Aggregate(new_agg);
     let node = GapFill {
+        lookback,
         schema: GapFill::output_schema(input.schema(), &fills, &[])?,
         input,
         derived: Vec::new(),
@@ -568,6 +586,76 @@ fn rewrite_aggregate(agg: Aggregate) -> Result<Transformed<LogicalPlan>> {
     Ok(Transformed::yes(LogicalPlan::Extension(Extension {
         node: Arc::new(node),
     })))
+}
+
+/// `last(value, time)` of each time-weighted average's value, per series, over the
+/// aggregate's input restricted to `[start - LOOKBACK_NS, start)`.
+fn lookback_plan(agg: &Aggregate, time_at: usize, start: i64) -> Result<LogicalPlan> {
+    let ts = |v: i64| Expr::Literal(ScalarValue::TimestampNanosecond(Some(v), None), None);
+    let time = || Expr::Column(Column::from_name(store::TIME_COLUMN));
+    let window = time()
+        .gt_eq(ts(start.saturating_sub(LOOKBACK_NS)))
+        .and(time().lt(ts(start)));
+    // The same input, with the WHERE clause's time bounds replaced by the window.
+    let mut replaced = false;
+    let input = agg
+        .input
+        .as_ref()
+        .clone()
+        .transform_down(|p| match p {
+            LogicalPlan::Filter(f) if !replaced => {
+                replaced = true;
+                let kept = datafusion::logical_expr::utils::split_conjunction(&f.predicate)
+                    .into_iter()
+                    .filter(|c| !c.column_refs().iter().any(|r| r.name == store::TIME_COLUMN))
+                    .cloned();
+                let predicate =
+                    datafusion::logical_expr::utils::conjunction(kept.chain([window.clone()]))
+                        .unwrap_or(window.clone());
+                Ok(Transformed::yes(LogicalPlan::Filter(
+                    datafusion::logical_expr::Filter::try_new(predicate, f.input)?,
+                )))
+            }
+            other => Ok(Transformed::no(other)),
+        })?
+        .data;
+    if !replaced {
+        return plan_err!("time_weighted_avg: no time filter to look back from");
+    }
+    let last = Arc::new(datafusion::logical_expr::AggregateUDF::from(
+        super::selector::Selector::new(super::selector::End::Last),
+    ));
+    let group: Vec<Expr> = agg
+        .group_expr
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != time_at)
+        .map(|(_, e)| e.clone())
+        .collect();
+    let aggr: Vec<Expr> = agg
+        .aggr_expr
+        .iter()
+        .filter_map(|e| match e.clone().unalias_nested().data {
+            Expr::AggregateFunction(f) if f.func.name() == TIME_WEIGHTED_AVG => {
+                Some(Expr::AggregateFunction(AggregateFunction::new_udf(
+                    last.clone(),
+                    f.params.args.clone(),
+                    false,
+                    None,
+                    vec![],
+                    None,
+                )))
+            }
+            _ => None,
+        })
+        .enumerate()
+        .map(|(i, e)| e.alias(format!("held_{i}")))
+        .collect();
+    Ok(LogicalPlan::Aggregate(Aggregate::try_new(
+        Arc::new(input),
+        group,
+        aggr,
+    )?))
 }
 
 fn rewrite_projection(p: Projection, gap: GapFill) -> Result<Transformed<LogicalPlan>> {
@@ -642,6 +730,7 @@ impl ExtensionPlanner for GapFillPlanner {
         let index = |c: &Column| input_schema.index_of_column(c);
         let exec = GapFillExec::new(
             physical_inputs[0].clone(),
+            physical_inputs.get(1).cloned(),
             GapFillSpec {
                 time: index(&gap.time)?,
                 series: gap.series.iter().map(index).collect::<Result<_>>()?,
@@ -700,13 +789,19 @@ pub struct GapFillSpec {
 #[derive(Debug)]
 pub struct GapFillExec {
     input: Arc<dyn ExecutionPlan>,
+    /// Series columns, then each time-weighted average's value held before the range.
+    lookback: Option<Arc<dyn ExecutionPlan>>,
     spec: GapFillSpec,
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
 }
 
 impl GapFillExec {
-    fn new(input: Arc<dyn ExecutionPlan>, spec: GapFillSpec) -> Self {
+    fn new(
+        input: Arc<dyn ExecutionPlan>,
+        lookback: Option<Arc<dyn ExecutionPlan>>,
+        spec: GapFillSpec,
+    ) -> Self {
         let in_schema = input.schema();
         let mut fields: Vec<Field> = in_schema
             .fields()
@@ -737,6 +832,7 @@ impl GapFillExec {
         );
         GapFillExec {
             input,
+            lookback,
             spec,
             schema,
             properties: Arc::new(properties),
@@ -764,11 +860,13 @@ impl ExecutionPlan for GapFillExec {
     }
 
     fn required_input_distribution(&self) -> Vec<Distribution> {
-        vec![Distribution::SinglePartition]
+        vec![Distribution::SinglePartition; self.children().len()]
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
+        std::iter::once(&self.input)
+            .chain(self.lookback.as_ref())
+            .collect()
     }
 
     fn apply_expressions(
@@ -782,8 +880,10 @@ impl ExecutionPlan for GapFillExec {
         self: Arc<Self>,
         mut children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        let lookback = (children.len() > 1).then(|| children.swap_remove(1));
         Ok(Arc::new(GapFillExec::new(
             children.swap_remove(0),
+            lookback,
             self.spec.clone(),
         )))
     }
@@ -793,15 +893,26 @@ impl ExecutionPlan for GapFillExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let input = self.input.execute(partition, context)?;
+        let input = self.input.execute(partition, context.clone())?;
+        let lookback = match &self.lookback {
+            Some(l) => Some((l.schema(), l.execute(partition, context)?)),
+            None => None,
+        };
         let in_schema = self.input.schema();
         let schema = self.schema.clone();
         let spec = self.spec.clone();
         let out_schema = schema.clone();
         let stream = futures::stream::once(async move {
+            let held = match lookback {
+                Some((l_schema, stream)) => {
+                    let batches = datafusion::physical_plan::common::collect(stream).await?;
+                    Some(concat_batches(&l_schema, &batches)?)
+                }
+                None => None,
+            };
             let batches = datafusion::physical_plan::common::collect(input).await?;
             let batch = concat_batches(&in_schema, &batches)?;
-            fill(&batch, &spec, schema)
+            fill(&batch, held.as_ref(), &spec, schema)
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(out_schema, stream)))
     }
@@ -818,7 +929,12 @@ fn floor_bucket(t: i64, stride: i64, origin: i64) -> i64 {
     origin + (t - origin).div_euclid(stride) * stride
 }
 
-fn fill(batch: &RecordBatch, spec: &GapFillSpec, schema: SchemaRef) -> Result<RecordBatch> {
+fn fill(
+    batch: &RecordBatch,
+    lookback: Option<&RecordBatch>,
+    spec: &GapFillSpec,
+    schema: SchemaRef,
+) -> Result<RecordBatch> {
     // Sort by series, then bucket.
     let mut sort_columns: Vec<SortColumn> = spec
         .series
@@ -868,6 +984,21 @@ fn fill(batch: &RecordBatch, spec: &GapFillSpec, schema: SchemaRef) -> Result<Re
     if n > 0 {
         runs.push(start..n);
     }
+    let twa_columns: Vec<usize> = spec
+        .fills
+        .iter()
+        .filter(|(_, f)| *f == Fill::TimeWeighted)
+        .map(|(c, _)| *c)
+        .collect();
+    let run_starts: Vec<usize> = runs.iter().map(|r| r.start).collect();
+    let held = held_before_range(
+        lookback,
+        &columns,
+        spec,
+        series_rows.as_ref(),
+        &run_starts,
+        twa_columns.len(),
+    )?;
     let mut out: Vec<OutRow> = Vec::new();
     let mut run_bounds: Vec<std::ops::Range<usize>> = Vec::with_capacity(runs.len());
     for run in runs {
@@ -920,7 +1051,18 @@ fn fill(batch: &RecordBatch, spec: &GapFillSpec, schema: SchemaRef) -> Result<Re
             take(column.as_ref(), &series_idx, None)?
         } else {
             let fill = spec.fills.iter().find(|(c, _)| *c == i).map(|(_, f)| *f);
-            fill_column(column, fill.unwrap_or(Fill::Null), &out, &run_bounds, spec)?
+            let before: Vec<Option<f64>> = match twa_columns.iter().position(|c| *c == i) {
+                Some(j) => held.iter().map(|h| h[j]).collect(),
+                None => Vec::new(),
+            };
+            fill_column(
+                column,
+                fill.unwrap_or(Fill::Null),
+                &out,
+                &run_bounds,
+                spec,
+                &before,
+            )?
         };
         result.push(array);
     }
@@ -931,6 +1073,7 @@ fn fill(batch: &RecordBatch, spec: &GapFillSpec, schema: SchemaRef) -> Result<Re
             &out,
             &run_bounds,
             spec,
+            &[],
         )?);
     }
     Ok(RecordBatch::try_new_with_options(
@@ -940,6 +1083,59 @@ fn fill(batch: &RecordBatch, spec: &GapFillSpec, schema: SchemaRef) -> Result<Re
     )?)
 }
 
+/// Per run (series), the value each time-weighted average's series held when the range
+/// began, from the lookback rows (series columns, then one value per average).
+fn held_before_range(
+    lookback: Option<&RecordBatch>,
+    columns: &[ArrayRef],
+    spec: &GapFillSpec,
+    series_rows: Option<&arrow::row::Rows>,
+    run_starts: &[usize],
+    averages: usize,
+) -> Result<Vec<Vec<Option<f64>>>> {
+    let none = vec![vec![None; averages]; run_starts.len()];
+    let Some(lookback) = lookback.filter(|l| l.num_rows() > 0) else {
+        return Ok(none);
+    };
+    let series = spec.series.len();
+    let values: Vec<ArrayRef> = (0..averages)
+        .map(|j| arrow::compute::cast(lookback.column(series + j), &DataType::Float64))
+        .collect::<std::result::Result<_, _>>()?;
+    let value_of = |row: usize| -> Vec<Option<f64>> {
+        values
+            .iter()
+            .map(|v| {
+                let v = v.as_primitive::<arrow::datatypes::Float64Type>();
+                v.is_valid(row).then(|| v.value(row))
+            })
+            .collect()
+    };
+    let Some(series_rows) = series_rows else {
+        // No series columns: one series, one lookback row.
+        return Ok(run_starts.iter().map(|_| value_of(0)).collect());
+    };
+    let converter = RowConverter::new(
+        spec.series
+            .iter()
+            .map(|i| SortField::new(columns[*i].data_type().clone()))
+            .collect(),
+    )?;
+    let keys: Vec<ArrayRef> = (0..series)
+        .map(|i| arrow::compute::cast(lookback.column(i), columns[spec.series[i]].data_type()))
+        .collect::<std::result::Result<_, _>>()?;
+    let lookback_rows = converter.convert_columns(&keys)?;
+    let index: std::collections::HashMap<Vec<u8>, usize> = (0..lookback.num_rows())
+        .map(|r| (lookback_rows.row(r).as_ref().to_vec(), r))
+        .collect();
+    Ok(run_starts
+        .iter()
+        .map(|start| match index.get(series_rows.row(*start).as_ref()) {
+            Some(r) => value_of(*r),
+            None => vec![None; averages],
+        })
+        .collect())
+}
+
 /// One aggregate column over the output rows, filled.
 fn fill_column(
     column: &ArrayRef,
@@ -947,6 +1143,7 @@ fn fill_column(
     out: &[OutRow],
     run_bounds: &[std::ops::Range<usize>],
     spec: &GapFillSpec,
+    held_before: &[Option<f64>],
 ) -> Result<ArrayRef> {
     Ok(match fill {
         Fill::Null => {
@@ -969,7 +1166,7 @@ fn fill_column(
             take(column.as_ref(), &UInt32Array::from(idx), None)?
         }
         Fill::Interpolate => interpolate(column, out, run_bounds)?,
-        Fill::TimeWeighted => time_weighted(column, out, run_bounds, spec)?,
+        Fill::TimeWeighted => time_weighted(column, out, run_bounds, spec, held_before)?,
     })
 }
 
@@ -1023,6 +1220,7 @@ fn time_weighted(
     out: &[OutRow],
     run_bounds: &[std::ops::Range<usize>],
     spec: &GapFillSpec,
+    held_before: &[Option<f64>],
 ) -> Result<ArrayRef> {
     let Some(summaries) = column.as_any().downcast_ref::<StructArray>() else {
         return plan_err!(
@@ -1031,8 +1229,8 @@ fn time_weighted(
         );
     };
     let mut result: Vec<Option<f64>> = Vec::with_capacity(out.len());
-    for bounds in run_bounds {
-        let mut held: Option<f64> = None;
+    for (k, bounds) in run_bounds.iter().enumerate() {
+        let mut held: Option<f64> = held_before.get(k).copied().flatten();
         for r in &out[bounds.clone()] {
             let start = r.time;
             let end = match spec.range.1 {
