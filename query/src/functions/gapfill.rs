@@ -960,14 +960,8 @@ fn fill(
     let series_rows = if spec.series.is_empty() {
         None
     } else {
-        let converter = RowConverter::new(
-            spec.series
-                .iter()
-                .map(|i| SortField::new(columns[*i].data_type().clone()))
-                .collect(),
-        )?;
         let cols: Vec<ArrayRef> = spec.series.iter().map(|i| columns[*i].clone()).collect();
-        Some(converter.convert_columns(&cols)?)
+        Some(series_converter(&columns, spec)?.convert_columns(&cols)?)
     };
     // Runs of one series.
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
@@ -1083,6 +1077,16 @@ fn fill(
     )?)
 }
 
+/// Compares series keys (the group columns other than the bucket) as bytes.
+fn series_converter(columns: &[ArrayRef], spec: &GapFillSpec) -> Result<RowConverter> {
+    Ok(RowConverter::new(
+        spec.series
+            .iter()
+            .map(|i| SortField::new(columns[*i].data_type().clone()))
+            .collect(),
+    )?)
+}
+
 /// Per run (series), the value each time-weighted average's series held when the range
 /// began, from the lookback rows (series columns, then one value per average).
 fn held_before_range(
@@ -1114,12 +1118,7 @@ fn held_before_range(
         // No series columns: one series, one lookback row.
         return Ok(run_starts.iter().map(|_| value_of(0)).collect());
     };
-    let converter = RowConverter::new(
-        spec.series
-            .iter()
-            .map(|i| SortField::new(columns[*i].data_type().clone()))
-            .collect(),
-    )?;
+    let converter = series_converter(columns, spec)?;
     let keys: Vec<ArrayRef> = (0..series)
         .map(|i| arrow::compute::cast(lookback.column(i), columns[spec.series[i]].data_type()))
         .collect::<std::result::Result<_, _>>()?;
