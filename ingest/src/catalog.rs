@@ -241,7 +241,7 @@ impl Catalog {
             .fields()
             .iter()
             .zip(batch.columns())
-            .filter(|(f, _)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
+            .filter(|(f, _)| store::dedup::is_tag(f))
             .filter_map(|(f, c)| {
                 let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok()?;
                 Some((f.name().as_str(), c))

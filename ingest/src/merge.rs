@@ -11,12 +11,12 @@ use arrow::compute::interleave;
 use arrow::datatypes::{SchemaRef, UInt64Type};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
-use arrow::row::{RowConverter, Rows, SortField};
+use arrow::row::{RowConverter, Rows};
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
-use store::{ColumnType, SEQ_COLUMN, TIME_COLUMN};
+use store::SEQ_COLUMN;
 
-use store::dedup::align;
+use store::dedup::{align, is_key, series_key_converter};
 
 /// Rows per output batch and per input read.
 const BATCH_ROWS: usize = 8192;
@@ -43,11 +43,6 @@ pub struct SortedMerge {
     sources: Vec<RecordBatch>,
 }
 
-fn is_key_field(target: &SchemaRef, i: usize) -> bool {
-    let f = target.field(i);
-    f.name() == TIME_COLUMN || ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag)
-}
-
 fn external(e: parquet::errors::ParquetError) -> ArrowError {
     ArrowError::ExternalError(Box::new(e))
 }
@@ -55,25 +50,8 @@ fn external(e: parquet::errors::ParquetError) -> ArrowError {
 impl SortedMerge {
     /// Opens the merge over whole-file contents.
     pub fn new(files: Vec<Bytes>, target: SchemaRef) -> Result<Self, ArrowError> {
-        let mut key_columns: Vec<usize> = (0..target.fields().len())
-            .filter(|i| is_key_field(&target, *i) && target.field(*i).name() != TIME_COLUMN)
-            .collect();
-        key_columns.extend(target.index_of(TIME_COLUMN).ok());
+        let (key_columns, converter) = series_key_converter(&target)?;
         let seq_column = target.index_of(SEQ_COLUMN)?;
-        let converter = RowConverter::new(
-            key_columns
-                .iter()
-                .map(|i| {
-                    SortField::new_with_options(
-                        target.field(*i).data_type().clone(),
-                        arrow::compute::SortOptions {
-                            descending: false,
-                            nulls_first: true,
-                        },
-                    )
-                })
-                .collect(),
-        )?;
         let readers = files
             .into_iter()
             .map(|bytes| {
@@ -171,7 +149,7 @@ impl SortedMerge {
                 members.sort_unstable_by_key(|(seq, _, _)| *seq);
                 let &(_, ls, lr) = members.last().expect("non-empty");
                 for (col, p) in picks.iter_mut().enumerate() {
-                    if col == self.seq_column || is_key_field(&self.target, col) {
+                    if col == self.seq_column || is_key(self.target.field(col)) {
                         p.push((ls, lr));
                     } else {
                         let chosen = members

@@ -17,8 +17,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use store::{
-    ColumnType, FileMeta, Lake, Layout, Manifest, ManifestError, ManifestStore, PartitionKey,
-    PendingDelete, TIME_COLUMN,
+    FileMeta, Lake, Layout, Manifest, ManifestError, ManifestStore, PartitionKey, PendingDelete,
+    TIME_COLUMN,
 };
 
 use crate::buffer::{FlushCandidate, FlushSnapshot, WriteBuffer};
@@ -151,7 +151,7 @@ pub fn writer_props(schema: &arrow::datatypes::Schema, zstd_level: i32) -> Write
         .fields()
         .iter()
         .enumerate()
-        .filter(|(_, f)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
+        .filter(|(_, f)| store::dedup::is_tag(f))
         .map(|(i, _)| i)
         .chain(schema.index_of(TIME_COLUMN).ok())
         .map(|i| SortingColumn {

@@ -31,8 +31,8 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::RowSelection;
 #[allow(deprecated)]
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
-use store::dedup::{align, concat_aligned, sort_dedup};
-use store::{ColumnType, FileMeta, SEQ_COLUMN, TIME_COLUMN};
+use store::dedup::{align, concat_aligned, is_key, is_tag, sort_dedup};
+use store::{FileMeta, SEQ_COLUMN, TIME_COLUMN};
 
 use crate::table::LakeTable;
 
@@ -108,7 +108,7 @@ fn tag_columns(batch: &RecordBatch) -> Vec<ArrayRef> {
         .fields()
         .iter()
         .zip(batch.columns())
-        .filter(|(f, _)| ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag))
+        .filter(|(f, _)| is_tag(f))
         .map(|(_, c)| c.clone())
         .collect()
 }
@@ -151,10 +151,7 @@ async fn file_candidates(
         .fields()
         .iter()
         .enumerate()
-        .filter(|(_, f)| {
-            f.name() == TIME_COLUMN
-                || ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag)
-        })
+        .filter(|(_, f)| is_key(f))
         .map(|(i, _)| i)
         .collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), key_indices);
@@ -238,11 +235,7 @@ impl TableProvider for LastPointTable {
             .fields()
             .iter()
             .enumerate()
-            .filter(|(_, f)| {
-                f.name() == TIME_COLUMN
-                    || f.name() == SEQ_COLUMN
-                    || ColumnType::from_data_type(f.data_type()) == Some(ColumnType::Tag)
-            })
+            .filter(|(_, f)| is_key(f) || f.name() == SEQ_COLUMN)
             .map(|(i, _)| i)
             .chain(user.iter().copied())
             .collect();

@@ -27,7 +27,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
-use store::dedup::align;
+use store::dedup::{align, filter_time};
 use store::{ColumnType, FileMeta, SEQ_COLUMN, TIME_COLUMN, TableSnapshot};
 
 use crate::dedup::DedupExec;
@@ -430,7 +430,7 @@ impl TableProvider for LakeTable {
             }
             let mut runs = Vec::new();
             for b in batches {
-                let run = filter_time(&align(b, &with_keys_schema)?, range)?;
+                let run = filter_time(&align(b, &with_keys_schema)?, range.start, range.end)?;
                 if run.num_rows() > 0 {
                     runs.push(run);
                 }
@@ -522,24 +522,6 @@ impl TableProvider for LakeTable {
         }
         project(plan, &self.stored, &inner, &user)
     }
-}
-
-/// Keeps the rows of a batch within a time range.
-fn filter_time(batch: &RecordBatch, range: TimeRange) -> Result<RecordBatch> {
-    if range == TimeRange::ALL {
-        return Ok(batch.clone());
-    }
-    let Some(time) = batch.column_by_name(TIME_COLUMN).and_then(|c| {
-        c.as_any()
-            .downcast_ref::<arrow::array::TimestampNanosecondArray>()
-    }) else {
-        return Ok(batch.clone());
-    };
-    let keep: arrow::array::BooleanArray = time
-        .iter()
-        .map(|t| Some(t.is_some_and(|t| t >= range.start && t <= range.end)))
-        .collect();
-    Ok(arrow::compute::filter_record_batch(batch, &keep)?)
 }
 
 #[cfg(test)]

@@ -39,9 +39,14 @@ pub fn concat_aligned(
     concat_batches(target, &aligned)
 }
 
-fn is_key(field: &arrow::datatypes::Field) -> bool {
-    field.name() == TIME_COLUMN
-        || ColumnType::from_data_type(field.data_type()) == Some(ColumnType::Tag)
+/// Whether a column belongs to the series key (a tag, or time).
+pub fn is_key(field: &arrow::datatypes::Field) -> bool {
+    field.name() == TIME_COLUMN || is_tag(field)
+}
+
+/// Whether a column is a tag.
+pub fn is_tag(field: &arrow::datatypes::Field) -> bool {
+    ColumnType::from_data_type(field.data_type()) == Some(ColumnType::Tag)
 }
 
 /// Indices of the series key: tags (schema order), then time.
@@ -56,11 +61,11 @@ fn key_indices(schema: &SchemaRef) -> Vec<usize> {
         .collect()
 }
 
-/// The series keys of a batch in Arrow's row format, which compares as plain bytes: far
+/// The series key columns of `schema` (tags, then time) and a converter to Arrow's row
+/// format for them, in the order files are sorted by. Rows compare as plain bytes: far
 /// faster than comparing ten dictionary columns one by one.
-fn series_keys(batch: &RecordBatch) -> Result<arrow::row::Rows, ArrowError> {
-    let schema = batch.schema();
-    let key_idx = key_indices(&schema);
+pub fn series_key_converter(schema: &SchemaRef) -> Result<(Vec<usize>, RowConverter), ArrowError> {
+    let key_idx = key_indices(schema);
     let converter = RowConverter::new(
         key_idx
             .iter()
@@ -75,6 +80,12 @@ fn series_keys(batch: &RecordBatch) -> Result<arrow::row::Rows, ArrowError> {
             })
             .collect(),
     )?;
+    Ok((key_idx, converter))
+}
+
+/// The series keys of a batch in Arrow's row format.
+fn series_keys(batch: &RecordBatch) -> Result<arrow::row::Rows, ArrowError> {
+    let (key_idx, converter) = series_key_converter(&batch.schema())?;
     let key_columns: Vec<ArrayRef> = key_idx.iter().map(|i| batch.column(*i).clone()).collect();
     converter.convert_columns(&key_columns)
 }
@@ -240,8 +251,13 @@ pub fn stats(batch: &RecordBatch) -> BatchStats {
 
 /// Keeps only rows at or after `horizon` (ns).
 pub fn filter_horizon(batch: &RecordBatch, horizon: i64) -> Result<RecordBatch, ArrowError> {
+    filter_time(batch, horizon, i64::MAX)
+}
+
+/// Keeps only rows with `start <= time <= end` (ns).
+pub fn filter_time(batch: &RecordBatch, start: i64, end: i64) -> Result<RecordBatch, ArrowError> {
     use arrow::array::TimestampNanosecondArray;
-    if horizon == i64::MIN {
+    if start == i64::MIN && end == i64::MAX {
         return Ok(batch.clone());
     }
     let Some(time) = batch
@@ -252,7 +268,7 @@ pub fn filter_horizon(batch: &RecordBatch, horizon: i64) -> Result<RecordBatch, 
     };
     let keep: arrow::array::BooleanArray = time
         .iter()
-        .map(|t| Some(t.is_some_and(|t| t >= horizon)))
+        .map(|t| Some(t.is_some_and(|t| t >= start && t <= end)))
         .collect();
     arrow::compute::filter_record_batch(batch, &keep)
 }
