@@ -55,21 +55,28 @@ impl TimeRange {
     /// The range allowed by a conjunction of filters: plain comparisons of `time` with
     /// timestamp literals narrow it, everything else leaves it alone.
     pub fn from_filters(filters: &[Expr]) -> TimeRange {
+        TimeRange::from_filters_with(filters, |e| match e {
+            Expr::Literal(v, _) => timestamp_ns(v),
+            _ => None,
+        })
+    }
+
+    /// Like [`TimeRange::from_filters`], with `value` telling the time (ns) an operand
+    /// stands for, if any.
+    pub fn from_filters_with(filters: &[Expr], value: impl Fn(&Expr) -> Option<i64>) -> TimeRange {
+        let is_time = |e: &Expr| matches!(e, Expr::Column(c) if c.name == TIME_COLUMN);
         let mut range = TimeRange::ALL;
         for expr in filters.iter().flat_map(|f| split_conjunction(f)) {
             match expr {
                 Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-                    let (op, value) = match (left.as_ref(), right.as_ref()) {
-                        (Expr::Column(c), Expr::Literal(v, _)) if c.name == TIME_COLUMN => (*op, v),
-                        (Expr::Literal(v, _), Expr::Column(c)) if c.name == TIME_COLUMN => {
-                            match op.swap() {
-                                Some(op) => (op, v),
-                                None => continue,
-                            }
-                        }
-                        _ => continue,
+                    let (op, t) = if is_time(left) {
+                        (Some(*op), value(right))
+                    } else if is_time(right) {
+                        (op.swap(), value(left))
+                    } else {
+                        continue;
                     };
-                    let Some(t) = timestamp_ns(value) else {
+                    let (Some(op), Some(t)) = (op, t) else {
                         continue;
                     };
                     match op {
@@ -84,21 +91,11 @@ impl TimeRange {
                         _ => {}
                     }
                 }
-                Expr::Between(b) if !b.negated => {
-                    let Expr::Column(c) = b.expr.as_ref() else {
-                        continue;
-                    };
-                    if c.name != TIME_COLUMN {
-                        continue;
-                    }
-                    if let Expr::Literal(v, _) = b.low.as_ref()
-                        && let Some(t) = timestamp_ns(v)
-                    {
+                Expr::Between(b) if !b.negated && is_time(&b.expr) => {
+                    if let Some(t) = value(&b.low) {
                         range.start = range.start.max(t);
                     }
-                    if let Expr::Literal(v, _) = b.high.as_ref()
-                        && let Some(t) = timestamp_ns(v)
-                    {
+                    if let Some(t) = value(&b.high) {
                         range.end = range.end.min(t);
                     }
                 }

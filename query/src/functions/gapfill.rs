@@ -32,9 +32,8 @@ use datafusion::logical_expr::execution_props::ExecutionProps;
 use datafusion::logical_expr::expr::{AggregateFunction, ScalarFunction};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{
-    Aggregate, BinaryExpr, ColumnarValue, Expr, Extension, LogicalPlan, Operator, Projection,
-    ScalarFunctionArgs, ScalarUDFImpl, Signature, UserDefinedLogicalNode,
-    UserDefinedLogicalNodeCore, Volatility,
+    Aggregate, ColumnarValue, Expr, Extension, LogicalPlan, Projection, ScalarFunctionArgs,
+    ScalarUDFImpl, Signature, UserDefinedLogicalNode, UserDefinedLogicalNodeCore, Volatility,
 };
 use datafusion::optimizer::AnalyzerRule;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -369,51 +368,11 @@ fn time_range(plan: &LogicalPlan) -> (Option<i64>, Option<i64>) {
             _ => break,
         }
     }
-    let (mut start, mut end): (Option<i64>, Option<i64>) = (None, None);
-    let mut lower = |t: i64| start = Some(start.map_or(t, |s: i64| s.max(t)));
-    let mut bounds: Vec<(Operator, i64)> = Vec::new();
-    for p in &predicates {
-        for conjunct in datafusion::logical_expr::utils::split_conjunction(p) {
-            match conjunct {
-                Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-                    if is_time(left)
-                        && let Some(t) = constant_ns(right)
-                    {
-                        bounds.push((*op, t));
-                    } else if is_time(right)
-                        && let (Some(t), Some(op)) = (constant_ns(left), op.swap())
-                    {
-                        bounds.push((op, t));
-                    }
-                }
-                Expr::Between(b) if !b.negated && is_time(&b.expr) => {
-                    if let (Some(lo), Some(hi)) = (constant_ns(&b.low), constant_ns(&b.high)) {
-                        bounds.push((Operator::GtEq, lo));
-                        bounds.push((Operator::LtEq, hi));
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    let mut upper: Vec<i64> = Vec::new();
-    for (op, t) in bounds {
-        match op {
-            Operator::GtEq => lower(t),
-            Operator::Gt => lower(t.saturating_add(1)),
-            Operator::Lt => upper.push(t),
-            Operator::LtEq => upper.push(t.saturating_add(1)),
-            Operator::Eq => {
-                lower(t);
-                upper.push(t.saturating_add(1));
-            }
-            _ => {}
-        }
-    }
-    if let Some(e) = upper.into_iter().min() {
-        end = Some(e);
-    }
-    (start, end)
+    let range = crate::table::TimeRange::from_filters_with(&predicates, constant_ns);
+    (
+        (range.start != i64::MIN).then_some(range.start),
+        (range.end != i64::MAX).then(|| range.end.saturating_add(1)),
+    )
 }
 
 fn function_name(expr: &Expr) -> Option<&str> {
