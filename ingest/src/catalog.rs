@@ -64,6 +64,11 @@ impl TableCatalog {
         self.state.lock().schema.clone()
     }
 
+    /// Number of columns, `time` included, without copying the schema.
+    pub fn column_count(&self) -> usize {
+        self.state.lock().schema.len()
+    }
+
     /// Number of distinct series seen since start (from WAL replay and new writes).
     pub fn series_count(&self) -> usize {
         self.state.lock().series.len()

@@ -300,7 +300,7 @@ impl store::TableSource for Ingester {
             .catalog
             .tables()
             .into_iter()
-            .filter(|t| t.schema().len() > 1)
+            .filter(|t| t.column_count() > 1)
             .map(|t| t.db.clone())
             .collect();
         dbs.dedup();
@@ -311,7 +311,7 @@ impl store::TableSource for Ingester {
         self.catalog
             .tables()
             .into_iter()
-            .filter(|t| t.db == db && t.schema().len() > 1)
+            .filter(|t| t.db == db && t.column_count() > 1)
             .map(|t| t.name.clone())
             .collect()
     }

@@ -206,11 +206,9 @@ impl Accumulator for TwaAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        let first_value = {
-            self.samples.sort_by_key(|s| s.0);
-            self.samples.first().map(|s| s.1)
-        };
+        // `summarise` sorts the samples by time.
         let summary = self.summarise();
+        let first_value = self.samples.first().map(|s| s.1);
         if !self.summary {
             return Ok(ScalarValue::Float64(summary.map(|s| {
                 let span = s.last_time - s.first_time;
