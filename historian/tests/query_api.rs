@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Server, live_files, post};
+use common::{Server, live_files, post, query, rows};
 use serde_json::{Value, json};
 
 fn now_ns() -> i64 {
@@ -15,34 +15,6 @@ fn now_ns() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos() as i64
-}
-
-/// Runs a query; returns status, content type and body.
-async fn query(server: &Server, db: &str, sql: &str, format: &str) -> (u16, String, Vec<u8>) {
-    let resp = reqwest::Client::new()
-        .get(server.url("/api/v3/query_sql"))
-        .query(&[("db", db), ("q", sql), ("format", format)])
-        .send()
-        .await
-        .expect("query request");
-    let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (status, ct, resp.bytes().await.unwrap_or_default().to_vec())
-}
-
-/// Runs a query that must succeed; returns its JSON rows.
-async fn rows(server: &Server, db: &str, sql: &str) -> Vec<Value> {
-    let (status, _, body) = query(server, db, sql, "json").await;
-    assert_eq!(status, 200, "{sql}: {}", String::from_utf8_lossy(&body));
-    serde_json::from_slice::<Value>(&body)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 async fn count(server: &Server, db: &str, table: &str) -> i64 {
@@ -530,43 +502,24 @@ async fn the_query_command_prints_results_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "");
     write(&server, "db", format!("m,host=a v=1.5 {}\n", now_ns())).await;
-    let bin = env!("CARGO_BIN_EXE_historian");
     let url = format!("http://{}", server.addr);
-    let out = std::process::Command::new(bin)
-        .args([
-            "query",
-            "SELECT host, v FROM m",
-            "--db",
-            "db",
-            "--url",
-            &url,
-            "--format",
-            "csv",
-        ])
-        .output()
-        .unwrap();
+    let historian_query = |sql: &str, extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_historian"))
+            .args(["query", sql, "--db", "db", "--url", &url])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = historian_query("SELECT host, v FROM m", &["--format", "csv"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "host,v\na,1.5\n");
-    let out = std::process::Command::new(bin)
-        .args([
-            "query",
-            "SELECT host, v FROM m",
-            "--db",
-            "db",
-            "--url",
-            &url,
-        ])
-        .output()
-        .unwrap();
+    let out = historian_query("SELECT host, v FROM m", &[]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("| a    | 1.5 |"));
-    let out = std::process::Command::new(bin)
-        .args(["query", "DROP TABLE m", "--db", "db", "--url", &url])
-        .output()
-        .unwrap();
+    let out = historian_query("DROP TABLE m", &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("400") && err.contains("DROP TABLE"), "{err}");

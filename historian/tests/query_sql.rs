@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, live_files, post, run_python};
+use common::{Server, live_files, post, query, rows, run_python};
 use historian_benches::mes::{MesConfig, MesGen};
 use historian_benches::tsbs::{FIELDS, TsbsGen};
 use serde_json::{Value, json};
@@ -15,32 +15,20 @@ use serde_json::{Value, json};
 const T0: i64 = 1_767_225_600_000_000_000;
 const SEC: i64 = 1_000_000_000;
 
-async fn rows(server: &Server, db: &str, sql: &str) -> Vec<Value> {
-    let resp = reqwest::Client::new()
-        .get(server.url("/api/v3/query_sql"))
-        .query(&[("db", db), ("q", sql), ("format", "json")])
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    assert_eq!(status, 200, "{sql}: {text}");
-    serde_json::from_str::<Value>(&text)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
+/// `time_weighted_avg(v, time)` of the signal per series and minute (`bucket` is
+/// `date_bin` or `date_bin_gapfill`), ordered by series and minute.
+async fn twa(server: &Server, bucket: &str, filter: &str) -> Vec<Value> {
+    let sql = format!(
+        "SELECT s, CAST({bucket}(INTERVAL '1 minute', time) AS BIGINT) AS minute, \
+         time_weighted_avg(v, time) AS twa FROM signal WHERE {filter} GROUP BY 1, 2 ORDER BY 1, 2"
+    );
+    rows(server, "plant", &sql).await
 }
 
 async fn error(server: &Server, db: &str, sql: &str) -> String {
-    let resp = reqwest::Client::new()
-        .get(server.url("/api/v3/query_sql"))
-        .query(&[("db", db), ("q", sql)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
-    resp.text().await.unwrap()
+    let (status, _, body) = query(server, db, sql, "json").await;
+    assert_eq!(status, 400);
+    String::from_utf8(body).unwrap()
 }
 
 async fn wait_until_persisted(server: &Server) {
@@ -376,15 +364,7 @@ async fn time_weighted_average_holds_each_value_until_the_next() {
     let server = signal_server(dir.path()).await;
     let m = |k: i64| T0 + k * 60 * SEC;
     // Gap-filled: the value before each bucket holds into it.
-    let got = rows(
-        &server,
-        "plant",
-        &format!(
-            "SELECT s, CAST(date_bin_gapfill(INTERVAL '1 minute', time) AS BIGINT) AS minute, \
-             time_weighted_avg(v, time) AS twa FROM signal WHERE {RANGE} GROUP BY 1, 2 ORDER BY 1, 2"
-        ),
-    )
-    .await;
+    let got = twa(&server, "date_bin_gapfill", RANGE).await;
     assert_eq!(
         got,
         vec![
@@ -399,15 +379,7 @@ async fn time_weighted_average_holds_each_value_until_the_next() {
         ]
     );
     // Plain date_bin: only buckets with samples, still starting from the value before.
-    let got = rows(
-        &server,
-        "plant",
-        &format!(
-            "SELECT s, CAST(date_bin(INTERVAL '1 minute', time) AS BIGINT) AS minute, \
-             time_weighted_avg(v, time) AS twa FROM signal WHERE {RANGE} GROUP BY 1, 2 ORDER BY 1, 2"
-        ),
-    )
-    .await;
+    let got = twa(&server, "date_bin", RANGE).await;
     assert_eq!(
         got,
         vec![
@@ -420,15 +392,7 @@ async fn time_weighted_average_holds_each_value_until_the_next() {
     // looking back before the range) holds into the first buckets.
     let later =
         "time >= TIMESTAMP '2026-01-01 00:01:00' AND time < TIMESTAMP '2026-01-01 00:04:00'";
-    let got = rows(
-        &server,
-        "plant",
-        &format!(
-            "SELECT s, CAST(date_bin_gapfill(INTERVAL '1 minute', time) AS BIGINT) AS minute, \
-             time_weighted_avg(v, time) AS twa FROM signal WHERE {later} GROUP BY 1, 2 ORDER BY 1, 2"
-        ),
-    )
-    .await;
+    let got = twa(&server, "date_bin_gapfill", later).await;
     assert_eq!(
         got,
         vec![
@@ -440,15 +404,7 @@ async fn time_weighted_average_holds_each_value_until_the_next() {
             json!({"s": "b", "minute": m(3), "twa": 1.0}),
         ]
     );
-    let got = rows(
-        &server,
-        "plant",
-        &format!(
-            "SELECT s, CAST(date_bin(INTERVAL '1 minute', time) AS BIGINT) AS minute, \
-             time_weighted_avg(v, time) AS twa FROM signal WHERE s = 'a' AND {later} GROUP BY 1, 2"
-        ),
-    )
-    .await;
+    let got = twa(&server, "date_bin", &format!("s = 'a' AND {later}")).await;
     assert_eq!(got, vec![json!({"s": "a", "minute": m(2), "twa": 30.0})]);
     // Whole series: from its first sample to its last (10 for 30 s, 20 for 120 s).
     let got = rows(

@@ -250,3 +250,31 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs a query on `/api/v3/query_sql`; returns status, content type and body.
+pub async fn query(server: &Server, db: &str, sql: &str, format: &str) -> (u16, String, Vec<u8>) {
+    let resp = reqwest::Client::new()
+        .get(server.url("/api/v3/query_sql"))
+        .query(&[("db", db), ("q", sql), ("format", format)])
+        .send()
+        .await
+        .expect("query request");
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, ct, resp.bytes().await.unwrap_or_default().to_vec())
+}
+
+/// Runs a query that must succeed; returns its JSON rows.
+pub async fn rows(server: &Server, db: &str, sql: &str) -> Vec<serde_json::Value> {
+    let (status, _, body) = query(server, db, sql, "json").await;
+    assert_eq!(status, 200, "{sql}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
