@@ -808,6 +808,38 @@ fn fingerprint(key: &str) -> u32 {
     mixed.wrapping_mul(0x9E37_79B1) >> 26
 }
 
+/// Parses `body` and panics if an invariant breaks: line numbers that do not increase or
+/// point past the body, an accepted line without fields, or a newline outside the string
+/// values of an accepted line (the line splitter and the parser would then disagree on
+/// where strings are). For the parser's property tests and its fuzz target.
+#[doc(hidden)]
+pub fn check_invariants(body: &[u8]) {
+    let newlines = body.iter().filter(|&&c| c == b'\n').count();
+    let mut last = 0;
+    for result in parse_lines(body) {
+        let line_number = match &result {
+            Ok(line) => {
+                // Outside string values a parsed line never holds a newline.
+                assert!(!line.measurement.contains('\n'));
+                assert!(
+                    line.tags
+                        .iter()
+                        .all(|(k, v)| !k.contains('\n') && !v.contains('\n'))
+                );
+                assert!(line.fields.iter().all(|(k, _)| !k.contains('\n')));
+                assert!(!line.fields.is_empty());
+                if let Some(ts) = line.timestamp {
+                    let _ = Precision::Auto.to_nanos(ts);
+                }
+                line.line_number
+            }
+            Err(e) => e.line_number,
+        };
+        assert!(line_number > last && line_number <= newlines + 1);
+        last = line_number;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1729,33 +1761,6 @@ mod tests {
             FieldValue::Integer(v) => Ok(FieldValue::Integer(v)),
             FieldValue::UInteger(v) => Ok(FieldValue::UInteger(v)),
             FieldValue::Boolean(v) => Ok(FieldValue::Boolean(v)),
-        }
-    }
-
-    fn check_invariants(body: &[u8]) {
-        let newlines = body.iter().filter(|&&c| c == b'\n').count();
-        let mut last = 0;
-        for result in parse_lines(body) {
-            let line_number = match &result {
-                Ok(line) => {
-                    // Outside string values a parsed line never holds a newline.
-                    assert!(!line.measurement.contains('\n'));
-                    assert!(
-                        line.tags
-                            .iter()
-                            .all(|(k, v)| !k.contains('\n') && !v.contains('\n'))
-                    );
-                    assert!(line.fields.iter().all(|(k, _)| !k.contains('\n')));
-                    assert!(!line.fields.is_empty());
-                    if let Some(ts) = line.timestamp {
-                        let _ = Precision::Auto.to_nanos(ts);
-                    }
-                    line.line_number
-                }
-                Err(e) => e.line_number,
-            };
-            assert!(line_number > last && line_number <= newlines + 1);
-            last = line_number;
         }
     }
 }
