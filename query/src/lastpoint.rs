@@ -28,7 +28,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::RowSelection;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, RowSelection};
 #[allow(deprecated)]
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
 use store::dedup::{align, concat_aligned, is_key, is_tag, sort_dedup};
@@ -141,11 +141,16 @@ async fn file_candidates(
     file: &FileMeta,
     target: &SchemaRef,
 ) -> Result<RecordBatch> {
-    let reader = ParquetObjectReader::new(store.clone(), Path::from(file.path.as_str()))
-        .with_file_size(file.bytes);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+    let open = || {
+        ParquetObjectReader::new(store.clone(), Path::from(file.path.as_str()))
+            .with_file_size(file.bytes)
+    };
+    // The footer is read once, for both passes.
+    let mut reader = open();
+    let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())
         .await
         .map_err(external)?;
+    let builder = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, metadata.clone());
     let file_schema = builder.schema().clone();
     let key_indices: Vec<usize> = file_schema
         .fields()
@@ -173,11 +178,7 @@ async fn file_candidates(
         .filter(|(_, f)| target.index_of(f.name()).is_ok())
         .map(|(i, _)| i)
         .collect();
-    let reader =
-        ParquetObjectReader::new(store, Path::from(file.path.as_str())).with_file_size(file.bytes);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
-        .await
-        .map_err(external)?;
+    let builder = ParquetRecordBatchStreamBuilder::new_with_metadata(open(), metadata);
     let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
     let selection = RowSelection::from_consecutive_ranges(picks.iter().map(|&i| i..i + 1), total);
     let mut stream = builder
