@@ -31,6 +31,8 @@ pub struct Config {
     pub tables: HashMap<String, TableOptions>,
     /// Query limits.
     pub query: QuerySection,
+    /// The keyring and its master key.
+    pub privacy: PrivacySection,
     /// Logging.
     pub log: LogConfig,
 }
@@ -52,6 +54,42 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./historian-data"),
         }
     }
+}
+
+/// `[privacy]`: where the keyring and its master key live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacySection {
+    /// Keyring directory (local disk, never the lake); default `<data_dir>/keyring`.
+    pub keyring_dir: Option<PathBuf>,
+    /// Master key file (64 hex digits, mode 0600); default `<data_dir>/master.key`. The
+    /// environment variable `HISTORIAN_MASTER_KEY` takes precedence.
+    pub master_key_file: Option<PathBuf>,
+    /// How often keys whose period is wholly past a table's `personal_ttl` are destroyed.
+    #[serde(with = "humantime_serde")]
+    pub key_expiry_interval: Duration,
+}
+
+impl Default for PrivacySection {
+    fn default() -> Self {
+        PrivacySection {
+            keyring_dir: None,
+            master_key_file: None,
+            key_expiry_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Environment variable holding the master key (64 hex digits).
+pub const MASTER_KEY_ENV: &str = "HISTORIAN_MASTER_KEY";
+
+/// Where the master key comes from.
+#[derive(Debug, Clone)]
+pub enum MasterKeySource {
+    /// The environment variable.
+    Env(String),
+    /// A file.
+    File(PathBuf),
 }
 
 /// `[storage]`
@@ -270,6 +308,9 @@ impl Config {
         if self.query.max_concurrent == 0 || self.query.memory_limit_bytes == 0 {
             return bad("query.max_concurrent and query.memory_limit_bytes must be positive");
         }
+        for (name, table) in &self.tables {
+            table.validate_profile(name).map_err(ConfigError::Invalid)?;
+        }
         if self.persist.deletion_grace <= self.query.timeout {
             // A query may still be reading a file that compaction replaced: it would fail.
             tracing::warn!(
@@ -313,7 +354,37 @@ impl Config {
             persist_interval: self.persist.interval,
             limits: self.limits.clone(),
             tables: self.tables.clone(),
+            keyring: None,
         })
+    }
+
+    /// Whether some table's privacy profile names subjects (and so needs the keyring).
+    pub fn needs_keyring(&self) -> bool {
+        self.tables.values().any(|t| !t.subjects.is_empty())
+    }
+
+    /// The keyring directory.
+    pub fn keyring_dir(&self) -> Result<PathBuf, ConfigError> {
+        let data_dir = absolute(&self.server.data_dir)?;
+        Ok(self
+            .privacy
+            .keyring_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("keyring")))
+    }
+
+    /// Where the master key comes from: the environment variable, else the file.
+    pub fn master_key_source(&self) -> Result<MasterKeySource, ConfigError> {
+        if let Ok(v) = std::env::var(MASTER_KEY_ENV) {
+            return Ok(MasterKeySource::Env(v));
+        }
+        let data_dir = absolute(&self.server.data_dir)?;
+        Ok(MasterKeySource::File(
+            self.privacy
+                .master_key_file
+                .clone()
+                .unwrap_or_else(|| data_dir.join("master.key")),
+        ))
     }
 }
 

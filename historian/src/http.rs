@@ -232,7 +232,20 @@ async fn write(
         no_sync,
     };
     match s.ingester.write(req).await {
-        Ok(outcome) if outcome.rejected.is_empty() => StatusCode::NO_CONTENT.into_response(),
+        Ok(outcome) if outcome.rejected.is_empty() && outcome.dropped_columns.is_empty() => {
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(outcome) if outcome.rejected.is_empty() => {
+            // Written, minus columns a privacy profile never stores: say which.
+            (
+                StatusCode::OK,
+                axum::Json(json!({
+                    "lines_written": outcome.lines_written,
+                    "dropped_columns": outcome.dropped_columns,
+                })),
+            )
+                .into_response()
+        }
         Ok(outcome) => {
             let msg = if outcome.lines_written == 0 {
                 "no lines were written: every line was rejected"
@@ -245,6 +258,7 @@ async fn write(
                 json!({
                     "lines_written": outcome.lines_written,
                     "lines_rejected": outcome.rejected.len(),
+                    "dropped_columns": outcome.dropped_columns,
                     "data": line_errors_json(&outcome.rejected),
                 }),
             )
@@ -268,8 +282,8 @@ async fn write(
         Err(e @ WriteError::Catalog(_)) => {
             error_response(StatusCode::BAD_REQUEST, &e.to_string(), json!({}))
         }
-        Err(e @ WriteError::Wal(_)) => {
-            tracing::error!(error = %e, "write failed in the WAL");
+        Err(e @ (WriteError::Wal(_) | WriteError::Keyring(_))) => {
+            tracing::error!(error = %e, "write failed in the WAL or the keyring");
             error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), json!({}))
         }
     }

@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod config;
 mod http;
 mod import;
+mod keys;
 mod query_client;
 mod server;
 
@@ -32,6 +33,8 @@ enum Command {
     Import(import::ImportArgs),
     /// Runs one SQL query against a running server and prints the result.
     Query(query_client::QueryArgs),
+    /// Manages the keyring of pseudonyms and data keys.
+    Keys(keys::KeysArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +98,10 @@ fn main() -> std::process::ExitCode {
             Command::Query(args) => {
                 init_tracing("text", "warn");
                 query_client::run(args).await
+            }
+            Command::Keys(args) => {
+                init_tracing("text", "warn");
+                keys::run(args)
             }
         }
     });

@@ -15,7 +15,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
     let lake_url = config.lake_url()?;
     let lake = Lake::open(&lake_url, &config.storage.s3)?;
-    let ingest_config = config.ingest_config()?;
+    let keyring = crate::keys::open_for_server(&config)?;
+    let mut ingest_config = config.ingest_config()?;
+    ingest_config.keyring = keyring.clone();
     std::fs::create_dir_all(&ingest_config.wal_dir).map_err(|e| {
         format!(
             "cannot create WAL directory {}: {e}",

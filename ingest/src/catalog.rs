@@ -1,13 +1,13 @@
 //! The catalog of databases and tables: schemas, limits and series counts, and the
 //! validation of parsed lines against them into Arrow batches ready for the WAL.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, StringDictionaryBuilder,
-    TimestampNanosecondBuilder, UInt64Builder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    StringDictionaryBuilder, TimestampNanosecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{Field, Int32Type, Schema};
 use arrow::record_batch::RecordBatch;
@@ -17,6 +17,7 @@ use store::layout::is_valid_name;
 use store::{ColumnType, PartitionKey, TIME_COLUMN, TableOptions, TableSchema};
 
 use crate::line_protocol::{FieldValue, LineError, ParsedLine, Precision};
+use crate::protect::{ProtectScratch, protect_line};
 
 /// Limits that keep one misconfigured collector from flooding the catalog.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +92,7 @@ pub struct Catalog {
     dbs: RwLock<HashMap<String, Arc<DbCatalog>>>,
     limits: Limits,
     table_options: HashMap<String, TableOptions>,
+    keyring: Option<Arc<privacy::Keyring>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -116,6 +118,10 @@ pub struct ValidatedWrite {
     pub lines_accepted: usize,
     /// Rejected lines with reasons.
     pub rejected: Vec<LineError>,
+    /// Columns the privacy profiles dropped (names only).
+    pub dropped_columns: BTreeSet<String>,
+    /// Keyring generation that must be durable before the write is acknowledged (0: none).
+    pub keyring_generation: u64,
 }
 
 impl ValidatedWrite {
@@ -134,12 +140,18 @@ pub enum CatalogError {
 }
 
 impl Catalog {
-    /// An empty catalog with limits and per-table settings (keyed by table name).
-    pub fn new(limits: Limits, table_options: HashMap<String, TableOptions>) -> Self {
+    /// An empty catalog with limits and per-table settings (keyed by table name). Tables
+    /// with subjects in their privacy profile need the keyring.
+    pub fn new(
+        limits: Limits,
+        table_options: HashMap<String, TableOptions>,
+        keyring: Option<Arc<privacy::Keyring>>,
+    ) -> Self {
         Catalog {
             dbs: RwLock::new(HashMap::new()),
             limits,
             table_options,
+            keyring,
             hasher: Default::default(),
         }
     }
@@ -282,6 +294,7 @@ impl Catalog {
             return Err(CatalogError::InvalidDatabase(db.to_string()));
         }
         let mut out = ValidatedWrite::default();
+        let mut scratch = ProtectScratch::default();
         // Group lines by table first so each table is locked once per request.
         let mut by_table: Vec<(String, Vec<ParsedLine<'a>>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
@@ -316,9 +329,11 @@ impl Catalog {
                     continue;
                 }
             };
-            self.validate_table(&table, lines, precision, now_ns, &mut out);
+            self.validate_table(&table, lines, precision, now_ns, &mut out, &mut scratch);
         }
         out.rejected.sort_by_key(|e| e.line_number);
+        out.dropped_columns = scratch.dropped;
+        out.keyring_generation = scratch.generation;
         Ok(out)
     }
 
@@ -329,14 +344,18 @@ impl Catalog {
         precision: Precision,
         now_ns: i64,
         out: &mut ValidatedWrite,
+        scratch: &mut ProtectScratch,
     ) {
         let horizon = table.options.horizon(now_ns);
+        let profiled = table.options.has_profile();
+        let scope = format!("{}/{}", table.db, table.name);
         let granularity = table.options.partition;
         let mut state = table.state.lock();
         let mut builders: Vec<(PartitionKey, BatchBuilder)> = Vec::new();
         for line in lines {
+            let line_number = line.line_number;
             let reject = |reason: String, column: Option<&str>| LineError {
-                line_number: line.line_number,
+                line_number,
                 reason,
                 measurement: Some(table.name.clone()),
                 column: column.map(str::to_string),
@@ -361,6 +380,25 @@ impl Catalog {
                 ));
                 continue;
             }
+            let line = if profiled {
+                let protected = protect_line(
+                    line,
+                    time,
+                    &scope,
+                    &table.options,
+                    self.keyring.as_deref(),
+                    scratch,
+                );
+                match protected {
+                    Ok(l) => l,
+                    Err((reason, column)) => {
+                        out.rejected.push(reject(reason, column.as_deref()));
+                        continue;
+                    }
+                }
+            } else {
+                line
+            };
             // Check every column before changing anything, so a line is all or nothing.
             let mut new_columns: Vec<(&str, ColumnType)> = Vec::new();
             let mut error = None;
@@ -484,6 +522,7 @@ fn field_type(v: &FieldValue<'_>) -> ColumnType {
         FieldValue::UInteger(_) => ColumnType::UInteger,
         FieldValue::String(_) => ColumnType::String,
         FieldValue::Boolean(_) => ColumnType::Boolean,
+        FieldValue::Encrypted(_) => ColumnType::Encrypted,
     }
 }
 
@@ -494,6 +533,7 @@ enum ColumnBuilder {
     UInteger(UInt64Builder),
     String(StringBuilder),
     Boolean(BooleanBuilder),
+    Binary(BinaryBuilder),
 }
 
 impl ColumnBuilder {
@@ -507,6 +547,7 @@ impl ColumnBuilder {
             ColumnType::UInteger => ColumnBuilder::UInteger(UInt64Builder::new()),
             ColumnType::String => ColumnBuilder::String(StringBuilder::new()),
             ColumnType::Boolean => ColumnBuilder::Boolean(BooleanBuilder::new()),
+            ColumnType::Encrypted => ColumnBuilder::Binary(BinaryBuilder::new()),
         }
     }
 
@@ -518,6 +559,7 @@ impl ColumnBuilder {
             ColumnBuilder::UInteger(b) => b.append_nulls(n),
             ColumnBuilder::String(b) => b.append_nulls(n),
             ColumnBuilder::Boolean(b) => b.append_nulls(n),
+            ColumnBuilder::Binary(b) => b.append_nulls(n),
         }
     }
 
@@ -529,6 +571,7 @@ impl ColumnBuilder {
             ColumnBuilder::UInteger(b) => Arc::new(b.finish()),
             ColumnBuilder::String(b) => Arc::new(b.finish()),
             ColumnBuilder::Boolean(b) => Arc::new(b.finish()),
+            ColumnBuilder::Binary(b) => Arc::new(b.finish()),
         }
     }
 }
@@ -596,6 +639,10 @@ impl BatchBuilder {
                     b.append_value(*x);
                     true
                 }
+                (ColumnBuilder::Binary(b), FieldValue::Encrypted(x)) => {
+                    b.append_value(x);
+                    true
+                }
                 _ => false,
             };
             if appended {
@@ -636,7 +683,7 @@ mod tests {
     use crate::line_protocol::parse_lines;
 
     fn catalog() -> Catalog {
-        Catalog::new(Limits::default(), HashMap::new())
+        Catalog::new(Limits::default(), HashMap::new(), None)
     }
 
     fn validate(c: &Catalog, body: &str) -> ValidatedWrite {

@@ -10,6 +10,7 @@ pub mod line_protocol;
 pub mod merge;
 pub mod metrics;
 pub mod persist;
+pub mod protect;
 pub mod wal;
 pub mod writer;
 

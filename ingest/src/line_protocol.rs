@@ -97,6 +97,8 @@ pub enum FieldValue<'a> {
     String(Cow<'a, str>),
     /// A boolean: t, T, true, True, TRUE, f, F, false, False or FALSE.
     Boolean(bool),
+    /// A personal value's ciphertext cell: made by the privacy step, never by the parser.
+    Encrypted(Vec<u8>),
 }
 
 /// One parsed line. Borrowed from the request body unless escapes had to be removed.
@@ -1587,6 +1589,7 @@ mod tests {
                 };
                 out.push_str(spellings[bool_spelling % 5]);
             }
+            FieldValue::Encrypted(_) => unreachable!("the parser never makes ciphertext"),
             FieldValue::String(s) => {
                 out.push('"');
                 for c in s.chars() {
@@ -1761,6 +1764,7 @@ mod tests {
             FieldValue::Integer(v) => Ok(FieldValue::Integer(v)),
             FieldValue::UInteger(v) => Ok(FieldValue::UInteger(v)),
             FieldValue::Boolean(v) => Ok(FieldValue::Boolean(v)),
+            FieldValue::Encrypted(v) => Ok(FieldValue::Encrypted(v)),
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct IngestConfig {
     pub limits: Limits,
     /// Per-table settings.
     pub tables: HashMap<String, TableOptions>,
+    /// The keyring, needed by tables whose privacy profile names subjects.
+    pub keyring: Option<Arc<privacy::Keyring>>,
 }
 
 /// One write request.
@@ -62,6 +64,8 @@ pub struct WriteOutcome {
     pub lines_written: usize,
     /// Rejected lines, with reasons that never contain values.
     pub rejected: Vec<LineError>,
+    /// Columns that privacy profiles dropped (names only).
+    pub dropped_columns: Vec<String>,
 }
 
 /// Why a write was not (wholly) taken.
@@ -84,6 +88,9 @@ pub enum WriteError {
     /// The WAL failed; nothing was acknowledged.
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// A new data key could not be made durable; nothing was acknowledged.
+    #[error(transparent)]
+    Keyring(#[from] privacy::KeyringError),
 }
 
 /// Errors at start.
@@ -110,6 +117,8 @@ pub struct Ingester {
     pub persister: Arc<Persister>,
     /// Counters.
     pub metrics: Arc<IngestMetrics>,
+    /// Pseudonyms and data keys, when privacy profiles name subjects.
+    pub keyring: Option<Arc<privacy::Keyring>>,
     persist_interval: Duration,
     full_buffer_wait: Duration,
 }
@@ -129,7 +138,11 @@ impl Ingester {
         config: IngestConfig,
         metrics: Arc<IngestMetrics>,
     ) -> Result<Arc<Self>, OpenError> {
-        let catalog = Arc::new(Catalog::new(config.limits.clone(), config.tables.clone()));
+        let catalog = Arc::new(Catalog::new(
+            config.limits.clone(),
+            config.tables.clone(),
+            config.keyring.clone(),
+        ));
         let buffer = Arc::new(WriteBuffer::new(config.buffer_limit_bytes, metrics.clone()));
         let persister = Arc::new(Persister::new(
             lake,
@@ -197,6 +210,7 @@ impl Ingester {
             wal,
             persister,
             metrics,
+            keyring: config.keyring.clone(),
             persist_interval: config.persist_interval,
             full_buffer_wait: config.full_buffer_wait,
         }))
@@ -225,6 +239,16 @@ impl Ingester {
             return Err(WriteError::Rejected(validated.rejected));
         }
         let lines_written = validated.lines_accepted;
+        if validated.keyring_generation > 0
+            && let Some(keyring) = &self.keyring
+        {
+            // A data key is durable before anything encrypted under it is logged.
+            let keyring = keyring.clone();
+            let generation = validated.keyring_generation;
+            tokio::task::spawn_blocking(move || keyring.ensure_durable(generation))
+                .await
+                .map_err(|e| WalError::Encoding(e.to_string()))??;
+        }
         if !validated.writes.is_empty() {
             let rows = validated.rows() as u64;
             let record = EncodedRecord::encode(req.db, validated.writes)?;
@@ -234,6 +258,7 @@ impl Ingester {
         Ok(WriteOutcome {
             lines_written,
             rejected: validated.rejected,
+            dropped_columns: validated.dropped_columns.into_iter().collect(),
         })
     }
 

@@ -26,6 +26,9 @@ pub enum ColumnType {
     String,
     /// A boolean field.
     Boolean,
+    /// A personal value as an AES-256-GCM cell (binary): made by the privacy step of
+    /// ingest, never sent in line protocol.
+    Encrypted,
     /// The row timestamp, nanoseconds since the Unix epoch, UTC.
     Time,
 }
@@ -42,6 +45,7 @@ impl ColumnType {
             ColumnType::UInteger => DataType::UInt64,
             ColumnType::String => DataType::Utf8,
             ColumnType::Boolean => DataType::Boolean,
+            ColumnType::Encrypted => DataType::Binary,
             ColumnType::Time => DataType::Timestamp(TimeUnit::Nanosecond, None),
         }
     }
@@ -55,6 +59,7 @@ impl ColumnType {
             DataType::UInt64 => ColumnType::UInteger,
             DataType::Utf8 => ColumnType::String,
             DataType::Boolean => ColumnType::Boolean,
+            DataType::Binary => ColumnType::Encrypted,
             DataType::Timestamp(TimeUnit::Nanosecond, _) => ColumnType::Time,
             _ => return None,
         })
@@ -69,6 +74,7 @@ impl ColumnType {
             ColumnType::UInteger => "unsigned integer",
             ColumnType::String => "string",
             ColumnType::Boolean => "boolean",
+            ColumnType::Encrypted => "encrypted",
             ColumnType::Time => "time",
         }
     }
