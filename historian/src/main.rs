@@ -16,6 +16,7 @@ mod import;
 mod keys;
 mod query_client;
 mod server;
+mod subject;
 
 /// Historian: a time-series historian for factories.
 #[derive(Debug, Parser)]
@@ -35,6 +36,8 @@ enum Command {
     Query(query_client::QueryArgs),
     /// Manages the keyring of pseudonyms and data keys.
     Keys(keys::KeysArgs),
+    /// Data-subject requests against a running server: export, erase, inventory.
+    Subject(subject::SubjectArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,6 +105,10 @@ fn main() -> std::process::ExitCode {
             Command::Keys(args) => {
                 init_tracing("text", "warn");
                 keys::run(args)
+            }
+            Command::Subject(args) => {
+                init_tracing("text", "warn");
+                subject::run(args).await
             }
         }
     });

@@ -37,14 +37,19 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let query_metrics = Arc::new(query::QueryMetrics::default());
     query_metrics.register(&mut registry);
-    let query = Arc::new(query::QueryEngine::new(
-        ingester.clone(),
-        lake_store,
-        query_config,
-        query_metrics,
-    ));
+    let query = Arc::new(
+        query::QueryEngine::new(ingester.clone(), lake_store, query_config, query_metrics)
+            .with_keyring(keyring.clone()),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let background = tokio::spawn(ingester.clone().run_background(stop_rx));
+    let background = tokio::spawn(ingester.clone().run_background(stop_rx.clone()));
+    if keyring.is_some() {
+        tokio::spawn(run_key_expiry(
+            ingester.clone(),
+            config.privacy.key_expiry_interval,
+            stop_rx,
+        ));
+    }
     let state = Arc::new(AppState {
         ingester: ingester.clone(),
         query,
@@ -59,15 +64,44 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     // Tests and scripts wait for this line to learn the port.
     tracing::info!(%addr, "listening for HTTP");
     println!("historian listening on http://{addr}");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     tracing::info!("shutting down: flushing the write buffer to the lake");
     let _ = stop_tx.send(true);
     let _ = background.await;
     ingester.shutdown().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Finishes erasures a crash interrupted, then destroys keys past their personal TTL on
+/// schedule.
+async fn run_key_expiry(
+    ingester: Arc<Ingester>,
+    interval: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if let Err(e) = ingester.persister.purge_erased().await {
+        tracing::error!(error = %e, "could not finish purging erased subjects; retrying at the next start");
+    }
+    let mut tick = tokio::time::interval(interval.max(std::time::Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        if let Err(e) = ingester.expire_personal_keys(now).await {
+            tracing::error!(error = %e, "destroying expired personal keys failed; will retry");
+        }
+    }
 }
 
 async fn shutdown_signal() {

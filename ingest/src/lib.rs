@@ -5,6 +5,7 @@
 
 pub mod buffer;
 pub mod catalog;
+pub mod erasure;
 pub mod failpoint;
 pub mod line_protocol;
 pub mod merge;
@@ -17,4 +18,6 @@ pub mod writer;
 pub use catalog::{Catalog, Limits, TableWrite, ValidatedWrite};
 pub use metrics::IngestMetrics;
 pub use persist::{PersistConfig, Persister};
-pub use writer::{IngestConfig, Ingester, WriteError, WriteOutcome, WriteRequest};
+pub use writer::{
+    EraseError, ErasureReceipt, IngestConfig, Ingester, WriteError, WriteOutcome, WriteRequest,
+};

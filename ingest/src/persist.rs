@@ -122,6 +122,8 @@ pub struct Persister {
     metrics: Arc<IngestMetrics>,
     config: PersistConfig,
     flush_lock: tokio::sync::Mutex<()>,
+    /// Data keys destroyed by erasure: rows with cells under them are never written again.
+    erased: Mutex<Arc<HashSet<u64>>>,
 }
 
 impl std::fmt::Debug for Persister {
@@ -226,7 +228,56 @@ impl Persister {
             metrics,
             config,
             flush_lock: tokio::sync::Mutex::new(()),
+            erased: Mutex::new(Arc::new(HashSet::new())),
         }
+    }
+
+    /// How long replaced files stay before deletion.
+    pub fn deletion_grace(&self) -> std::time::Duration {
+        self.config.deletion_grace
+    }
+
+    /// Sets the data keys destroyed by erasure, whose rows flushes and compactions drop.
+    pub fn set_erased(&self, erased: HashSet<u64>) {
+        *self.erased.lock() = Arc::new(erased);
+    }
+
+    fn erased(&self) -> Arc<HashSet<u64>> {
+        self.erased.lock().clone()
+    }
+
+    /// Rewrites every file that may hold rows under an erased key (by the files' key
+    /// bitmaps) without those rows. Returns how many files were rewritten.
+    pub async fn purge_erased(&self) -> Result<usize, PersistError> {
+        let erased = self.erased();
+        if erased.is_empty() {
+            return Ok(0);
+        }
+        let mut rewritten = 0;
+        for (db, table) in self.manifest_tables() {
+            let personal = self
+                .catalog
+                .table(&db, &table)
+                .is_some_and(|t| !t.options.subjects.is_empty());
+            if !personal {
+                continue;
+            }
+            let manifest = self.manifest(&db, &table).await;
+            let mut by_partition: BTreeMap<String, Vec<FileMeta>> = BTreeMap::new();
+            for f in &manifest.files {
+                if crate::erasure::may_hold(f.key_ids.as_deref(), &erased) {
+                    by_partition
+                        .entry(f.partition.clone())
+                        .or_default()
+                        .push(f.clone());
+                }
+            }
+            for (partition, files) in by_partition {
+                rewritten += files.len();
+                self.compact_files(&db, &table, &partition, files).await?;
+            }
+        }
+        Ok(rewritten)
     }
 
     /// Hands the persister the WAL whose segments it retires.
@@ -497,10 +548,12 @@ impl Persister {
         let target = schema.arrow_schema();
         let horizon = table.options.horizon(now_ns());
         let batches = snapshot.batches.clone();
+        let erased = self.erased();
         let batch = tokio::task::spawn_blocking(move || -> Result<RecordBatch, PersistError> {
             let all = concat_aligned(&batches, &target)?;
             let live = filter_horizon(&all, horizon)?;
-            Ok(sort_dedup(&live)?)
+            let kept = crate::erasure::drop_erased(&live, &erased)?;
+            Ok(sort_dedup(&kept)?)
         })
         .await
         .map_err(|e| PersistError::Task(e.to_string()))??;
@@ -526,6 +579,7 @@ impl Persister {
                 max_seq: s.max_seq,
                 schema_version: schema.version,
                 compacted: false,
+                key_ids: crate::erasure::encode_key_ids(&crate::erasure::key_ids(&batch)),
             })
         } else {
             None
@@ -728,6 +782,7 @@ impl Persister {
             inputs.push(self.read_bytes(&f.path).await?);
         }
         let horizon = t.options.horizon(now_ns());
+        let erased = self.erased();
         // The merge decodes on a blocking thread and hands sorted batches to the upload.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<RecordBatch, PersistError>>(2);
         let merge_target = target.clone();
@@ -736,6 +791,7 @@ impl Persister {
                 let mut merge = SortedMerge::new(inputs, merge_target)?;
                 while let Some(batch) = merge.next_batch()? {
                     let live = filter_horizon(&batch, horizon)?;
+                    let live = crate::erasure::drop_erased(&live, &erased)?;
                     if live.num_rows() > 0 && tx.blocking_send(Ok(live)).is_err() {
                         break;
                     }
@@ -752,6 +808,7 @@ impl Persister {
         let mut writer =
             self.open_upload(&path, target.clone(), self.config.compaction_zstd_level)?;
         let mut totals: Option<BatchStats> = None;
+        let mut key_ids = roaring::RoaringTreemap::new();
         let mut failure: Option<PersistError> = None;
         while let Some(next) = rx.recv().await {
             let batch = match next {
@@ -763,6 +820,7 @@ impl Persister {
             };
             let s = stats(&batch);
             totals = Some(totals.map_or(s, |t| t.merge(s)));
+            key_ids |= crate::erasure::key_ids(&batch);
             if let Err(source) = writer.write(&batch).await {
                 failure = Some(PersistError::Parquet {
                     path: path.to_string(),
@@ -791,6 +849,7 @@ impl Persister {
                 max_seq: s.max_seq,
                 schema_version: schema.version,
                 compacted: true,
+                key_ids: crate::erasure::encode_key_ids(&key_ids),
             }
         });
         let replaced: HashSet<String> = chosen.iter().map(|f| f.path.clone()).collect();

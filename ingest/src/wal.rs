@@ -268,6 +268,8 @@ pub struct Replay {
 struct WalRequest {
     record: EncodedRecord,
     sync: bool,
+    /// Close the segment after this record (so it can be retired once persisted).
+    rotate: bool,
     done: oneshot::Sender<Result<u64, String>>,
 }
 
@@ -486,12 +488,39 @@ impl Wal {
         {
             let tx = self.tx.lock();
             let tx = tx.as_ref().ok_or(WalError::Closed)?;
-            tx.send(WalRequest { record, sync, done })
-                .map_err(|_| WalError::Closed)?;
+            tx.send(WalRequest {
+                record,
+                sync,
+                rotate: false,
+                done,
+            })
+            .map_err(|_| WalError::Closed)?;
         }
         drop(guard);
         match rx.await {
             Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(msg)) => Err(WalError::Encoding(msg)),
+            Err(_) => Err(WalError::Closed),
+        }
+    }
+
+    /// Closes the current segment and starts a new one, so that every row logged so far
+    /// sits in closed segments that [`Wal::retire`] can delete once persisted (erasure).
+    pub async fn rotate_now(&self) -> Result<(), WalError> {
+        let (done, rx) = oneshot::channel();
+        {
+            let tx = self.tx.lock();
+            let tx = tx.as_ref().ok_or(WalError::Closed)?;
+            tx.send(WalRequest {
+                record: EncodedRecord::encode("_", Vec::new())?,
+                sync: true,
+                rotate: true,
+                done,
+            })
+            .map_err(|_| WalError::Closed)?;
+        }
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(msg)) => Err(WalError::Encoding(msg)),
             Err(_) => Err(WalError::Closed),
         }
@@ -687,10 +716,15 @@ impl WalThread {
             self.applier.apply(*seq, writes);
         }
         self.last_seq.store(last, Ordering::Release);
+        // A requested rotation is done before the answer; one for size after it.
+        let requested = group.iter().any(|r| r.rotate);
+        if requested {
+            self.rotate();
+        }
         for (req, seq) in group.into_iter().zip(seqs) {
             let _ = req.done.send(Ok(seq));
         }
-        if self.writer.len >= self.config.segment_bytes {
+        if !requested && self.writer.len >= self.config.segment_bytes {
             self.rotate();
         }
     }

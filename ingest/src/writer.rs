@@ -93,6 +93,40 @@ pub enum WriteError {
     Keyring(#[from] privacy::KeyringError),
 }
 
+/// What an erasure did: no subject value, no pseudonym, only counts and times.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ErasureReceipt {
+    /// When the request arrived (Unix ns).
+    pub requested_ns: i64,
+    /// When the keys were destroyed (Unix ns): from then on nothing of the subject decrypts
+    /// and their pseudonyms link to no one.
+    pub keys_destroyed_ns: i64,
+    /// Data keys (and pseudonyms) destroyed now; 0 when repeated.
+    pub keys_destroyed: usize,
+    /// Tables (`db/table`) that held data of the subject.
+    pub tables: Vec<String>,
+    /// Parquet files rewritten without the subject's rows.
+    pub files_rewritten: usize,
+    /// When the physical purge finished (Unix ns).
+    pub purged_ns: i64,
+    /// Replaced files are deleted after this many seconds (readers may still use them).
+    pub replaced_files_deleted_after_secs: u64,
+}
+
+/// Why an erasure or key expiry failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EraseError {
+    /// No table has subjects, so there is no keyring.
+    #[error("no keyring: no table's privacy profile names subjects")]
+    NoKeyring,
+    /// The keyring could not be rewritten.
+    #[error(transparent)]
+    Keyring(#[from] privacy::KeyringError),
+    /// The buffer or files could not be purged (the keys are destroyed already).
+    #[error("keys destroyed, but the physical purge failed (it is retried at the next start): {0}")]
+    Purge(String),
+}
+
 /// Errors at start.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -204,6 +238,9 @@ impl Ingester {
             metrics.clone(),
         )?);
         persister.set_wal(wal.clone());
+        if let Some(k) = &config.keyring {
+            persister.set_erased(k.erased_key_ids());
+        }
         Ok(Arc::new(Ingester {
             catalog,
             buffer,
@@ -306,6 +343,82 @@ impl Ingester {
                 tracing::warn!(error = %e, "retention sweep failed");
             }
         }
+    }
+
+    /// Erases a subject (Art. 17): destroys their pseudonym entries and data keys in every
+    /// table and period at once, then purges their rows from the buffer, the WAL and every
+    /// file that holds them. Idempotent.
+    pub async fn erase_subject(&self, subject: &str) -> Result<ErasureReceipt, EraseError> {
+        let requested_ns = now_ns();
+        let keyring = self.keyring.clone().ok_or(EraseError::NoKeyring)?;
+        let hash = keyring.subject_hash(subject);
+        let entries = keyring.subject_entries(&hash);
+        let ids: Vec<u64> = entries.iter().map(|e| e.key_id).collect();
+        let mut tables: Vec<String> = entries.iter().map(|e| e.scope.clone()).collect();
+        tables.dedup();
+        let destroying = keyring.clone();
+        let keys_destroyed = tokio::task::spawn_blocking(move || {
+            destroying.destroy(&ids, privacy::DestroyReason::Erasure)
+        })
+        .await
+        .map_err(|e| EraseError::Purge(e.to_string()))??;
+        let keys_destroyed_ns = now_ns();
+        tracing::info!(
+            keys_destroyed,
+            tables = tables.len(),
+            "subject erased: keys destroyed"
+        );
+        self.persister.set_erased(keyring.erased_key_ids());
+        let files_rewritten = self.purge_erased().await?;
+        Ok(ErasureReceipt {
+            requested_ns,
+            keys_destroyed_ns,
+            keys_destroyed,
+            tables,
+            files_rewritten,
+            purged_ns: now_ns(),
+            replaced_files_deleted_after_secs: self.persister.deletion_grace().as_secs(),
+        })
+    }
+
+    /// Purges rows under keys destroyed by erasure: closes the WAL segment, flushes the
+    /// buffer without them (so every WAL segment that held them retires), and rewrites the
+    /// files whose key bitmaps name those keys. Returns the files rewritten.
+    pub async fn purge_erased(&self) -> Result<usize, EraseError> {
+        let purge = |e: &dyn std::fmt::Display| EraseError::Purge(e.to_string());
+        self.wal.rotate_now().await.map_err(|e| purge(&e))?;
+        self.persister.flush_all().await.map_err(|e| purge(&e))?;
+        self.persister.purge_erased().await.map_err(|e| purge(&e))
+    }
+
+    /// Destroys the data keys whose period lies wholly before a table's personal TTL
+    /// horizon at `now_ns`: those cells read as NULL for everyone from then on, and their
+    /// pseudonyms link to no one. Returns how many keys were destroyed.
+    pub async fn expire_personal_keys(&self, now_ns: i64) -> Result<usize, EraseError> {
+        let Some(keyring) = self.keyring.clone() else {
+            return Ok(0);
+        };
+        let mut ids = Vec::new();
+        for t in self.catalog.tables() {
+            if t.options.subjects.is_empty() {
+                continue;
+            }
+            let scope = format!("{}/{}", t.db, t.name);
+            ids.extend(keyring.expired(&scope, t.options.personal_horizon(now_ns)));
+        }
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let n = tokio::task::spawn_blocking(move || {
+            keyring.destroy(&ids, privacy::DestroyReason::PersonalTtl)
+        })
+        .await
+        .map_err(|e| EraseError::Purge(e.to_string()))??;
+        tracing::info!(
+            keys = n,
+            "destroyed data keys past their table's personal_ttl"
+        );
+        Ok(n)
     }
 
     /// Flushes the buffer to the lake and closes the WAL.

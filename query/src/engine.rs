@@ -33,6 +33,7 @@ use url::Url;
 
 use crate::catalog::DatabaseSchema;
 use crate::metrics::QueryMetrics;
+use crate::personal::PersonalAccess;
 use crate::sandbox::{self, SandboxError};
 
 /// The URL under which the lake's object store is known to DataFusion. No other store is
@@ -168,6 +169,19 @@ pub struct QueryEngine {
     config: QueryConfig,
     slots: Arc<Semaphore>,
     metrics: Arc<QueryMetrics>,
+    keyring: Option<Arc<privacy::Keyring>>,
+}
+
+/// Per-query settings beyond the SQL.
+#[derive(Debug, Clone, Default)]
+pub struct QueryOptions {
+    /// What the query may see of personal columns.
+    pub access: PersonalAccess,
+    /// The time the query runs at (retention horizons); None = now. For tests and replays.
+    pub now_ns: Option<i64>,
+    /// Per table with a privacy profile: a predicate over its stored columns that rows must
+    /// pass before anything else sees them (a barrier below every user expression).
+    pub row_filters: HashMap<String, datafusion::logical_expr::Expr>,
 }
 
 impl QueryEngine {
@@ -189,7 +203,14 @@ impl QueryEngine {
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             config,
             metrics,
+            keyring: None,
         }
+    }
+
+    /// Decrypts personal columns with `keyring` for sessions whose access allows it.
+    pub fn with_keyring(mut self, keyring: Option<Arc<privacy::Keyring>>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// The engine's limits.
@@ -202,12 +223,19 @@ impl QueryEngine {
         self.source.databases()
     }
 
-    /// A sandboxed session whose only tables are those of `db`.
+    /// A sandboxed session whose only tables are those of `db`, personal columns masked.
     pub fn session(&self, db: &str) -> Result<SessionContext, QueryError> {
-        let now_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
+        self.session_with(db, QueryOptions::default())
+    }
+
+    /// A sandboxed session whose only tables are those of `db`, seen with `options`.
+    pub fn session_with(&self, db: &str, seen: QueryOptions) -> Result<SessionContext, QueryError> {
+        let now_ns = seen.now_ns.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0)
+        });
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, "public")
             .with_create_default_catalog_and_schema(false)
@@ -231,7 +259,9 @@ impl QueryEngine {
             .build_arc()
             .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
         let lake_url = ObjectStoreUrl::parse(LAKE_URL).expect("a valid constant URL");
-        let schema = DatabaseSchema::new(db, self.source.clone(), lake_url, now_ns);
+        let schema = DatabaseSchema::new(db, self.source.clone(), lake_url, now_ns)
+            .with_personal_access(self.keyring.clone(), seen.access)
+            .with_row_filters(seen.row_filters);
         let catalog = MemoryCatalogProvider::new();
         catalog
             .register_schema("public", Arc::new(schema))
@@ -252,10 +282,20 @@ impl QueryEngine {
         Ok(ctx)
     }
 
-    /// Plans and starts `sql` against `db`; the result streams.
+    /// Plans and starts `sql` against `db` with personal columns masked; the result streams.
     pub async fn query(&self, db: &str, sql: &str) -> Result<QueryStream, QueryError> {
+        self.query_with(db, sql, QueryOptions::default()).await
+    }
+
+    /// Plans and starts `sql` against `db`, seen with `options`; the result streams.
+    pub async fn query_with(
+        &self,
+        db: &str,
+        sql: &str,
+        options: QueryOptions,
+    ) -> Result<QueryStream, QueryError> {
         let started = Instant::now();
-        let result = self.start(db, sql, started).await;
+        let result = self.start(db, sql, started, options).await;
         if let Err(e) = &result {
             self.metrics.finished(started, Err(e));
         }
@@ -267,6 +307,7 @@ impl QueryEngine {
         db: &str,
         sql: &str,
         started: Instant,
+        query_options: QueryOptions,
     ) -> Result<QueryStream, QueryError> {
         sandbox::check(sql)?;
         if !self.source.databases().iter().any(|d| d == db) {
@@ -283,7 +324,7 @@ impl QueryEngine {
             .map_err(|_| QueryError::Busy(self.config.max_concurrent))?,
         };
         let deadline = tokio::time::Instant::from_std(started) + self.config.timeout;
-        let ctx = self.session(db)?;
+        let ctx = self.session_with(db, query_options)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)

@@ -12,9 +12,11 @@ pub mod format;
 pub mod functions;
 pub mod lastpoint;
 pub mod metrics;
+pub mod personal;
 pub mod sandbox;
 pub mod table;
 
-pub use engine::{QueryConfig, QueryEngine, QueryError, QueryStream};
+pub use engine::{QueryConfig, QueryEngine, QueryError, QueryOptions, QueryStream};
 pub use format::OutputFormat;
 pub use metrics::QueryMetrics;
+pub use personal::PersonalAccess;

@@ -566,6 +566,7 @@ mod tests {
             max_seq: 0,
             schema_version: 1,
             compacted: false,
+            key_ids: None,
         }
     }
 

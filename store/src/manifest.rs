@@ -78,6 +78,11 @@ pub struct FileMeta {
     /// Whether the file came from compaction.
     #[serde(default)]
     pub compacted: bool,
+    /// For tables with personal data: the data key ids whose cells occur in the file, as a
+    /// base64 Roaring bitmap, so that an erasure rewrites only the files that hold the
+    /// subject. None: no personal cells (or a file from before bitmaps: read to find out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ids: Option<String>,
 }
 
 /// A file no longer in the table, deleted once readers can no longer be using it.

@@ -1,0 +1,124 @@
+//! Erasure on the write path: which data keys a batch's personal cells use (the Roaring
+//! bitmap kept per file in the manifest), and dropping the rows of erased subjects from
+//! every batch that is flushed or compacted, so no erased row is ever written again.
+
+use std::collections::HashSet;
+
+use arrow::array::{Array, BinaryArray, BooleanArray};
+use arrow::compute::filter_record_batch;
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use base64::Engine;
+use roaring::RoaringTreemap;
+
+fn cell_columns(batch: &RecordBatch) -> impl Iterator<Item = &BinaryArray> {
+    batch
+        .columns()
+        .iter()
+        .filter_map(|c| c.as_any().downcast_ref::<BinaryArray>())
+}
+
+/// The key ids of every cell in the batch.
+pub fn key_ids(batch: &RecordBatch) -> RoaringTreemap {
+    let mut ids = RoaringTreemap::new();
+    for cells in cell_columns(batch) {
+        for cell in cells.iter().flatten() {
+            if let Some(id) = privacy::key_id_of(cell) {
+                ids.insert(id);
+            }
+        }
+    }
+    ids
+}
+
+/// A bitmap as stored in the manifest (an empty one too: None means "not known").
+pub fn encode_key_ids(ids: &RoaringTreemap) -> Option<String> {
+    let mut bytes = Vec::with_capacity(ids.serialized_size());
+    ids.serialize_into(&mut bytes).ok()?;
+    Some(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// A bitmap from the manifest; None if it does not decode.
+pub fn decode_key_ids(text: &str) -> Option<RoaringTreemap> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    RoaringTreemap::deserialize_from(&bytes[..]).ok()
+}
+
+/// Whether a file of a table with personal data, whose bitmap is `stored`, may hold cells
+/// under any of `erased`. Without a readable bitmap it may.
+pub fn may_hold(stored: Option<&str>, erased: &HashSet<u64>) -> bool {
+    match stored.and_then(decode_key_ids) {
+        Some(ids) => erased.iter().any(|id| ids.contains(*id)),
+        None => true,
+    }
+}
+
+/// The batch without rows that have a cell under an erased key.
+pub fn drop_erased(batch: &RecordBatch, erased: &HashSet<u64>) -> Result<RecordBatch, ArrowError> {
+    if erased.is_empty() {
+        return Ok(batch.clone());
+    }
+    let mut keep = vec![true; batch.num_rows()];
+    let mut dropped = false;
+    for cells in cell_columns(batch) {
+        for (row, k) in keep.iter_mut().enumerate() {
+            if *k
+                && cells.is_valid(row)
+                && privacy::key_id_of(cells.value(row)).is_some_and(|id| erased.contains(&id))
+            {
+                *k = false;
+                dropped = true;
+            }
+        }
+    }
+    if !dropped {
+        return Ok(batch.clone());
+    }
+    filter_record_batch(batch, &BooleanArray::from(keep))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn cell(id: u64) -> Vec<u8> {
+        let mut c = vec![1u8];
+        c.extend_from_slice(&id.to_le_bytes());
+        c.extend_from_slice(&[0u8; 12 + 16 + 3]);
+        c
+    }
+
+    #[test]
+    fn erased_rows_go_and_bitmaps_round_trip() {
+        let cells = BinaryArray::from(vec![Some(&cell(5)[..]), None, Some(&cell(9)[..])]);
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("v", DataType::Int64, false),
+                Field::new("c", DataType::Binary, true),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef,
+                Arc::new(cells),
+            ],
+        )
+        .unwrap();
+        let ids = key_ids(&batch);
+        assert_eq!(ids.iter().collect::<Vec<_>>(), vec![5, 9]);
+        let text = encode_key_ids(&ids).unwrap();
+        assert!(may_hold(Some(&text), &HashSet::from([9])));
+        assert!(!may_hold(Some(&text), &HashSet::from([7])));
+        assert!(may_hold(None, &HashSet::from([7])), "unknown: must be read");
+        let empty = encode_key_ids(&RoaringTreemap::new()).unwrap();
+        assert!(!may_hold(Some(&empty), &HashSet::from([7])));
+        let kept = drop_erased(&batch, &HashSet::from([9])).unwrap();
+        assert_eq!(kept.num_rows(), 2);
+        assert_eq!(drop_erased(&batch, &HashSet::new()).unwrap().num_rows(), 3);
+    }
+}
