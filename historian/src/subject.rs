@@ -83,7 +83,18 @@ pub async fn export(
         let Some(t) = ingester.catalog.table(db, table) else {
             continue;
         };
-        let subject_columns: Vec<String> = t.options.subjects.keys().cloned().collect();
+        // Subject columns the table has (one may not have been written yet).
+        let schema = t.schema();
+        let subject_columns: Vec<String> = t
+            .options
+            .subjects
+            .keys()
+            .filter(|c| schema.column_type(c).is_some())
+            .cloned()
+            .collect();
+        if subject_columns.is_empty() {
+            continue;
+        }
         // Rows whose subject columns hold one of the subject's pseudonyms: a filter on the
         // stored tags, so files and row groups without them are skipped.
         let barrier = subject_columns
@@ -93,7 +104,7 @@ pub async fn export(
                     .in_list(names.iter().map(|n| dictionary_literal(n)).collect(), false)
             })
             .reduce(Expr::or)
-            .expect("a table with subjects");
+            .expect("checked not empty");
         let options = QueryOptions {
             access: PersonalAccess::Clear,
             row_filters: [(table.to_string(), barrier)].into(),
@@ -188,11 +199,17 @@ pub async fn inventory(ingester: &Ingester, engine: &QueryEngine) -> Value {
         let scope = format!("{}/{}", t.db, t.name);
         let keys = status.as_ref().and_then(|s| s.scopes.get(&scope));
         let (mut oldest, mut newest) = (Value::Null, Value::Null);
-        if !t.options.subjects.is_empty() {
+        let schema = t.schema();
+        if t.options
+            .subjects
+            .keys()
+            .any(|c| schema.column_type(c).is_some())
+        {
             let any_subject = t
                 .options
                 .subjects
                 .keys()
+                .filter(|c| schema.column_type(c).is_some())
                 .map(|c| format!("\"{c}\" IS NOT NULL"))
                 .collect::<Vec<_>>()
                 .join(" OR ");

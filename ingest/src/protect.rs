@@ -23,7 +23,8 @@ use crate::line_protocol::{FieldValue, ParsedLine};
 /// Per-request state of the privacy step: caches and what to report.
 #[derive(Default)]
 pub struct ProtectScratch {
-    entries: HashMap<(String, i64), Arc<Entry>>,
+    /// Per scope (table): (subject value, period start) to its entry.
+    entries: HashMap<String, HashMap<(String, i64), Arc<Entry>>>,
     aad: Vec<u8>,
     /// Names of columns dropped from the request.
     pub dropped: BTreeSet<String>,
@@ -146,8 +147,12 @@ pub fn protect_line<'a>(
     };
     let period = opts.key_period.period_of(time);
     let mut keys = Vec::with_capacity(subjects.len());
+    if !scratch.entries.contains_key(scope) {
+        scratch.entries.insert(scope.to_string(), HashMap::new());
+    }
+    let cache = scratch.entries.get_mut(scope).expect("inserted above");
     for (name, value) in &subjects {
-        let entry = match scratch.entries.get(&(value.clone(), period.0)) {
+        let entry = match cache.get(&(value.clone(), period.0)) {
             Some(e) => e.clone(),
             None => {
                 let hash = keyring.subject_hash(value);
@@ -155,7 +160,7 @@ pub fn protect_line<'a>(
                     tracing::error!(error = %e, "keyring failed");
                     ("the keyring failed; see the server log".to_string(), None)
                 })?;
-                scratch.entries.insert((value.clone(), period.0), e.clone());
+                cache.insert((value.clone(), period.0), e.clone());
                 e
             }
         };
@@ -302,6 +307,19 @@ mod tests {
             "Zoë O'Brien".as_bytes()
         );
         assert!(s.generation > 0);
+    }
+
+    #[test]
+    fn each_table_has_its_own_pseudonyms_even_within_one_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Keyring::init(dir.path(), MasterKey::generate().unwrap()).unwrap();
+        let mut s = ProtectScratch::default();
+        let body = r#"mes,line=L1 operator_id="E7""#;
+        let line = parse_lines(body.as_bytes()).next().unwrap().unwrap();
+        let a = protect_line(line.clone(), 1_000, "db/mes", &profile(), Some(&k), &mut s).unwrap();
+        let b = protect_line(line, 1_000, "db/other", &profile(), Some(&k), &mut s).unwrap();
+        assert_ne!(a.tags, b.tags);
+        assert_eq!(k.subject_entries(&k.subject_hash("E7")).len(), 2);
     }
 
     #[test]

@@ -159,6 +159,12 @@ impl Server {
         self.spawn();
     }
 
+    /// Stops gracefully (the buffer is flushed) and starts again on the same directory.
+    pub fn restart_graceful(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
     /// Rewrites the config file (takes effect on the next restart).
     pub fn set_config(&mut self, config: &str) {
         std::fs::write(&self.config_path, config).unwrap();

@@ -1,0 +1,697 @@
+//! Personal data end to end: privacy profiles at ingest, no plaintext at rest, subject
+//! export against the generator's ground truth, erasure (keys and rows), personal TTL, and
+//! the keyring's backup, restore, rotation and master key checks.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{Server, post, rows};
+use historian_benches::mes::{MesConfig, MesGen};
+use ingest::line_protocol::{FieldValue, parse_lines};
+use serde_json::{Value, json};
+
+const SEC: i64 = 1_000_000_000;
+const DAY: i64 = 86_400 * SEC;
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+fn profile_config(extra: &str) -> String {
+    format!(
+        r#"
+[persist]
+flush_age = "1s"
+interval = "200ms"
+deletion_grace = "1s"
+closed_after = "1h"
+
+[query]
+timeout = "500ms"
+
+[privacy]
+key_expiry_interval = "1s"
+
+[tables.mes_event]
+partition = "day"
+columns = ["plant", "line", "machine", "event", "job_id", "alarm_code", "result"]
+drop = ["badge_photo"]
+[tables.mes_event.subjects]
+operator_id = ["operator_name", "badge_id"]
+supervisor_id = []
+
+[tables.access_log]
+partition = "day"
+columns = ["door"]
+drop = ["badge_photo"]
+[tables.access_log.subjects]
+employee = ["name"]
+{extra}
+"#
+    )
+}
+
+fn historian(args: &[&str], data_dir: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_historian"));
+    cmd.args(args).arg("--data-dir").arg(data_dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run historian")
+}
+
+/// Writes the config and creates the keyring, as an operator would before the first start.
+fn init(data_dir: &Path, config: &str) {
+    std::fs::create_dir_all(data_dir).unwrap();
+    std::fs::write(data_dir.join("historian.toml"), config).unwrap();
+    let out = historian(
+        &[
+            "keys",
+            "init",
+            "--config",
+            data_dir.join("historian.toml").to_str().unwrap(),
+        ],
+        data_dir,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One MES event as the generator wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Event {
+    time: i64,
+    machine: String,
+    event: String,
+    operator_id: String,
+    operator_name: String,
+    badge_id: String,
+    supervisor_id: Option<String>,
+    job_id: Option<String>,
+}
+
+fn events_of(body: &[u8]) -> Vec<Event> {
+    let text = |v: &FieldValue| match v {
+        FieldValue::String(s) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    parse_lines(body)
+        .filter_map(Result::ok)
+        .filter(|l| l.measurement == "mes_event")
+        .map(|l| {
+            let tag = |k: &str| {
+                l.tags
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.to_string())
+                    .unwrap_or_default()
+            };
+            let field = |k: &str| l.fields.iter().find(|(n, _)| n == k).map(|(_, v)| text(v));
+            Event {
+                time: l.timestamp.unwrap(),
+                machine: tag("machine"),
+                event: tag("event"),
+                operator_id: field("operator_id").unwrap(),
+                operator_name: field("operator_name").unwrap(),
+                badge_id: field("badge_id").unwrap(),
+                supervisor_id: field("supervisor_id"),
+                job_id: field("job_id"),
+            }
+        })
+        .collect()
+}
+
+/// Two days of MES data (2 lines x 2 machines, readings every minute, events between), plus
+/// an access-log line per login naming the same person in a second table.
+fn generate(start_ns: i64) -> (Vec<Vec<u8>>, Vec<Event>) {
+    let mut generator = MesGen::new(&MesConfig {
+        seed: 11,
+        lines: 2,
+        machines: 2,
+        start_ns,
+        interval_ns: 60 * SEC,
+        event_rate: 2.0,
+    });
+    let mut bodies = Vec::new();
+    let mut events = Vec::new();
+    for _ in 0..48 {
+        let mut body = Vec::new();
+        for _ in 0..60 {
+            generator.write_tick(&mut body);
+        }
+        let batch = events_of(&body);
+        for e in batch.iter().filter(|e| e.event == "login") {
+            body.extend_from_slice(
+                format!(
+                    "access_log,door=gate_{} employee=\"{}\",name=\"{}\",badge_photo=\"JPEG\" {}\n",
+                    e.machine,
+                    e.operator_id,
+                    e.operator_name.replace('"', "\\\""),
+                    e.time
+                )
+                .as_bytes(),
+            );
+        }
+        events.extend(batch);
+        bodies.push(body);
+    }
+    (bodies, events)
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Every personal value found anywhere in the data directory (WAL, lake, keyring, log),
+/// as raw bytes, and in every decoded string or binary cell of every Parquet file.
+fn plaintext_found(data_dir: &Path, secrets: &BTreeSet<String>) -> Vec<String> {
+    let mut found = Vec::new();
+    for path in files_under(data_dir) {
+        // Files come and go while the server runs (flushes, compaction, retired segments).
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        for s in secrets {
+            if bytes.windows(s.len()).any(|w| w == s.as_bytes()) {
+                found.push(format!("{} in {}", s, path.display()));
+            }
+        }
+        if path.extension().is_some_and(|e| e == "parquet") {
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                bytes::Bytes::from(bytes),
+            )
+            .and_then(|b| b.build())
+            .expect("a Parquet file of the lake");
+            for batch in reader.map(Result::unwrap) {
+                for column in batch.columns() {
+                    let Ok(text) = arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
+                    else {
+                        continue;
+                    };
+                    let text = text
+                        .as_any()
+                        .downcast_ref::<arrow::array::StringArray>()
+                        .unwrap();
+                    for v in text.iter().flatten() {
+                        if secrets.contains(v) {
+                            found.push(format!("{v} decoded from {}", path.display()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+async fn export(server: &Server, subject: &str) -> Vec<Value> {
+    let (status, body) = post(
+        &reqwest::Client::new(),
+        &server.url("/api/v3/subjects/export"),
+        json!({"subject": subject}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["rows"].as_array().unwrap().clone()
+}
+
+async fn write_all(server: &Server, bodies: &[Vec<u8>]) {
+    let client = reqwest::Client::new();
+    for body in bodies {
+        let (status, answer) = post(
+            &client,
+            &server.url("/api/v3/write_lp?db=plant&precision=ns"),
+            body.clone(),
+        )
+        .await;
+        assert!(status == 200 || status == 204, "{status} {answer}");
+        if status == 200 {
+            assert_eq!(
+                answer["dropped_columns"],
+                json!(["badge_photo"]),
+                "{answer}"
+            );
+        }
+    }
+}
+
+async fn count(server: &Server, table: &str) -> i64 {
+    rows(
+        server,
+        "plant",
+        &format!("SELECT count(*) AS n FROM {table}"),
+    )
+    .await[0]["n"]
+        .as_i64()
+        .unwrap()
+}
+
+fn expected_rows(events: &[Event], subject: &str) -> Vec<(String, String, String, String)> {
+    let mut out: Vec<_> = events
+        .iter()
+        .filter(|e| e.operator_id == subject || e.supervisor_id.as_deref() == Some(subject))
+        .map(|e| {
+            (
+                e.machine.clone(),
+                e.event.clone(),
+                e.operator_id.clone(),
+                e.supervisor_id.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = profile_config("");
+    init(&data, &config);
+    let mut server = Server::start(&data, &config);
+    let start = (now_ns() / DAY - 3) * DAY;
+    let (bodies, events) = generate(start);
+    write_all(&server, &bodies).await;
+
+    // Ground truth: every personal value the generator wrote.
+    let mut secrets: BTreeSet<String> = BTreeSet::new();
+    for e in &events {
+        secrets.insert(e.operator_id.clone());
+        secrets.insert(e.operator_name.clone());
+        secrets.insert(e.badge_id.clone());
+        secrets.extend(e.supervisor_id.clone());
+    }
+    secrets.insert("JPEG".into());
+    assert!(secrets.len() > 20, "the generator names many people");
+
+    // Masked view: pseudonyms and NULLs, never a value; the machine data is all there.
+    let masked = rows(
+        &server,
+        "plant",
+        "SELECT operator_id, operator_name, badge_id, supervisor_id FROM mes_event",
+    )
+    .await;
+    assert_eq!(masked.len(), events.len());
+    for r in &masked {
+        assert!(r["operator_id"].as_str().unwrap().starts_with("ps-"), "{r}");
+        assert!(r.get("operator_name").is_none_or(Value::is_null), "{r}");
+        assert!(r.get("badge_id").is_none_or(Value::is_null), "{r}");
+    }
+    let columns: Vec<String> = rows(
+        &server,
+        "plant",
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'mes_event'",
+    )
+    .await
+    .iter()
+    .map(|r| r["column_name"].as_str().unwrap().to_string())
+    .collect();
+    assert!(!columns.iter().any(|c| c.ends_with("__enc")), "{columns:?}");
+
+    // A plain value of the allow-list is stored in clear, so the scan below can see values.
+    let job = events.iter().find_map(|e| e.job_id.clone()).unwrap();
+    server.restart_graceful();
+    let wal_and_lake = plaintext_found(&data, &BTreeSet::from([job.clone()]));
+    assert!(
+        !wal_and_lake.is_empty(),
+        "the scan finds clear values: {job}"
+    );
+    let leaks = plaintext_found(&data, &secrets);
+    assert!(
+        leaks.is_empty(),
+        "plaintext personal data at rest: {leaks:#?}"
+    );
+
+    // Export: 100 % recall against the generator, across both subject columns, the
+    // partitions of three days and both tables.
+    let supervisor = events.iter().find_map(|e| e.supervisor_id.clone()).unwrap();
+    let operator = events[0].operator_id.clone();
+    let mut partitions = BTreeSet::new();
+    for subject in [&operator, &supervisor] {
+        let exported = export(&server, subject).await;
+        let mes: Vec<&Value> = exported
+            .iter()
+            .filter(|r| r["table"] == "mes_event")
+            .collect();
+        let mut got: Vec<(String, String, String, String)> = mes
+            .iter()
+            .map(|r| {
+                (
+                    r["machine"].as_str().unwrap().to_string(),
+                    r["event"].as_str().unwrap().to_string(),
+                    r["operator_id"].as_str().unwrap().to_string(),
+                    r["supervisor_id"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, expected_rows(&events, subject), "export of {subject}");
+        for r in &mes {
+            partitions.insert(r["time"].as_str().unwrap()[..10].to_string());
+            if r["operator_id"] == json!(subject) {
+                let truth = events.iter().find(|e| &e.operator_id == subject).unwrap();
+                assert_eq!(r["operator_name"], json!(truth.operator_name));
+                assert_eq!(r["badge_id"], json!(truth.badge_id));
+                assert_eq!(r["subject_columns"], json!(["operator_id"]));
+            }
+        }
+        let logins = events
+            .iter()
+            .filter(|e| &e.operator_id == subject && e.event == "login")
+            .count();
+        let access: Vec<&Value> = exported
+            .iter()
+            .filter(|r| r["table"] == "access_log")
+            .collect();
+        assert_eq!(access.len(), logins, "access_log rows of {subject}");
+        assert!(access.iter().all(|r| r["employee"] == json!(subject)));
+    }
+    assert!(
+        partitions.len() >= 2,
+        "export spans partitions: {partitions:?}"
+    );
+    let (status, csv) = {
+        let resp = reqwest::Client::new()
+            .post(server.url("/api/v3/subjects/export"))
+            .body(json!({"subject": operator, "format": "csv"}).to_string())
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert_eq!(status, 200);
+    assert!(csv.starts_with("db,table,time,column,value\n"));
+    assert!(
+        csv.lines()
+            .any(|l| l.ends_with(&format!(",operator_id,{operator}")))
+    );
+
+    // The operator's pseudonyms, learned by matching the masked rows to the export's.
+    let theirs: BTreeSet<(String, String)> = export(&server, &operator)
+        .await
+        .iter()
+        .filter(|r| r["operator_id"] == json!(operator))
+        .map(|r| (r["time"].to_string(), r["machine"].to_string()))
+        .collect();
+    let pseudonyms: BTreeSet<String> = rows(
+        &server,
+        "plant",
+        "SELECT time, machine, operator_id FROM mes_event",
+    )
+    .await
+    .iter()
+    .filter(|r| theirs.contains(&(r["time"].to_string(), r["machine"].to_string())))
+    .map(|r| r["operator_id"].as_str().unwrap().to_string())
+    .collect();
+    assert!(!pseudonyms.is_empty());
+
+    // Erasure: keys at once, then the rows everywhere; idempotent.
+    let before_mes = count(&server, "mes_event").await;
+    let before_access = count(&server, "access_log").await;
+    let client = reqwest::Client::new();
+    let (status, receipt) = post(
+        &client,
+        &server.url("/api/v3/subjects/erase"),
+        json!({"subject": operator}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{receipt}");
+    let receipt = &receipt["receipt"];
+    assert!(
+        receipt["keys_destroyed"].as_u64().unwrap() >= 2,
+        "{receipt}"
+    );
+    assert!(
+        receipt["files_rewritten"].as_u64().unwrap() >= 2,
+        "{receipt}"
+    );
+    assert!(
+        !receipt.to_string().contains(&operator),
+        "a receipt names no one"
+    );
+    let (_, again) = post(
+        &client,
+        &server.url("/api/v3/subjects/erase"),
+        json!({"subject": operator}).to_string(),
+    )
+    .await;
+    assert_eq!(again["receipt"]["keys_destroyed"], json!(0));
+    assert!(export(&server, &operator).await.is_empty());
+    let as_operator = events.iter().filter(|e| e.operator_id == operator).count() as i64;
+    let own_logins = events
+        .iter()
+        .filter(|e| e.operator_id == operator && e.event == "login")
+        .count() as i64;
+    // Events the operator only countersigned are theirs too.
+    let as_supervisor = events
+        .iter()
+        .filter(|e| e.supervisor_id.as_deref() == Some(&operator) && e.operator_id != operator)
+        .count() as i64;
+    assert_eq!(
+        count(&server, "mes_event").await,
+        before_mes - as_operator - as_supervisor
+    );
+    assert_eq!(
+        count(&server, "access_log").await,
+        before_access - own_logins
+    );
+    let list = pseudonyms
+        .iter()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let sql = format!("SELECT count(*) AS n FROM mes_event WHERE operator_id IN ({list})");
+    assert_eq!(rows(&server, "plant", &sql).await[0]["n"], json!(0));
+    // Another person is untouched.
+    assert_eq!(
+        export(&server, &supervisor).await.len() as i64 > 0,
+        supervisor != operator
+    );
+
+    // After the grace period the replaced files are gone: nothing of the subject remains,
+    // not even their pseudonyms, in the WAL, the lake or the keyring; and a restart (WAL
+    // replay) brings nothing back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut scan_for: BTreeSet<String> = pseudonyms.clone();
+    scan_for.insert(operator.clone());
+    loop {
+        let left = plaintext_found(&data, &scan_for);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still on disk after erasure: {left:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    server.kill9();
+    server.restart_with_env(&[]);
+    assert!(export(&server, &operator).await.is_empty());
+    assert_eq!(rows(&server, "plant", &sql).await[0]["n"], json!(0));
+    let leaks = plaintext_found(&data, &secrets);
+    assert!(
+        leaks.is_empty(),
+        "plaintext personal data at rest: {leaks:#?}"
+    );
+    // The log never names anyone.
+    assert!(!server.log().contains(&operator));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn personal_ttl_hides_cells_at_once_and_destroys_expired_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = profile_config("").replace(
+        "[tables.mes_event]\npartition = \"day\"",
+        "[tables.mes_event]\npartition = \"day\"\nttl = \"3650d\"\npersonal_ttl = \"30d\"\nkey_period = \"day\"",
+    );
+    init(&data, &config);
+    let mut server = Server::start(&data, &config);
+    let now = now_ns();
+    // The same person 60 days ago (a key period wholly past personal_ttl), just past
+    // personal_ttl (in a key period that ends after the horizon, so its key lives), and an
+    // hour ago.
+    let at = [now - 60 * DAY, now - 30 * DAY - 10 * SEC, now - 3600 * SEC];
+    let body: String = at
+        .iter()
+        .map(|t| {
+            format!("mes_event,line=L1,event=login operator_id=\"E-TTL\",operator_name=\"Tess Tull\" {t}\n")
+        })
+        .collect();
+    write_all(&server, &[body.into_bytes()]).await;
+    assert_eq!(
+        count(&server, "mes_event").await,
+        3,
+        "machine data stays until ttl"
+    );
+
+    // Once the expiry task ran, the oldest day's key is gone: its pseudonym links to no one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let out = historian(
+            &[
+                "keys",
+                "status",
+                "--config",
+                data.join("historian.toml").to_str().unwrap(),
+            ],
+            &data,
+            &[],
+        );
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if status["destroyed"]["personal_ttl"].as_u64() == Some(1) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no key expired: {status}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(status["keys"], json!(2), "{status}");
+    let exported = export(&server, "E-TTL").await;
+    let mut names: Vec<Value> = exported
+        .iter()
+        .map(|r| r["operator_name"].clone())
+        .collect();
+    names.sort_by_key(|v| v.to_string());
+    // Just past personal_ttl: its key lives, but the cell is hidden at once.
+    assert_eq!(names, vec![json!("Tess Tull"), Value::Null], "{exported:?}");
+    server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyring_backup_restore_rotation_and_master_key_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = profile_config("");
+    init(&data, &config);
+    let config_path = data.join("historian.toml");
+    let config_arg = config_path.to_str().unwrap();
+    let mut server = Server::start(&data, &config);
+    let now = now_ns();
+    let body = format!(
+        "mes_event,line=L1,event=login operator_id=\"E-A\",operator_name=\"Ann A\" {now}\n\
+         mes_event,line=L1,event=login operator_id=\"E-B\",operator_name=\"Bob B\" {}\n",
+        now + 1
+    );
+    write_all(&server, &[body.into_bytes()]).await;
+    let backup = dir.path().join("keyring.backup");
+    let out = historian(
+        &[
+            "keys",
+            "backup",
+            backup.to_str().unwrap(),
+            "--config",
+            config_arg,
+        ],
+        &data,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _) = post(
+        &reqwest::Client::new(),
+        &server.url("/api/v3/subjects/erase"),
+        json!({"subject": "E-A"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    server.stop();
+
+    // Restoring the backup from before the erasure does not bring Ann back.
+    let out = historian(
+        &[
+            "keys",
+            "restore",
+            backup.to_str().unwrap(),
+            "--config",
+            config_arg,
+        ],
+        &data,
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rotation re-seals the keyring; the old key no longer opens it.
+    let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
+    let out = historian(&["keys", "rotate", "--config", config_arg], &data, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        std::fs::read_to_string(data.join("master.key")).unwrap(),
+        old_key
+    );
+    let out = historian(&["keys", "status", "--config", config_arg], &data, &[]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["destroyed"]["erasure"], json!(1), "{status}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("E-B"));
+
+    server.restart_graceful();
+    assert!(export(&server, "E-A").await.is_empty());
+    let bob = export(&server, "E-B").await;
+    assert_eq!(bob.len(), 1);
+    assert_eq!(bob[0]["operator_name"], json!("Bob B"));
+    server.stop();
+
+    // A wrong or missing master key stops the server at start with a clear message.
+    let serve = |env: &[(&str, &str)]| {
+        historian(
+            &[
+                "serve",
+                "--config",
+                config_arg,
+                "--http-bind",
+                "127.0.0.1:0",
+            ],
+            &data,
+            env,
+        )
+    };
+    let out = serve(&[("HISTORIAN_MASTER_KEY", old_key.trim())]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("master key does not open the keyring"),
+        "{err}"
+    );
+    std::fs::rename(data.join("master.key"), dir.path().join("elsewhere.key")).unwrap();
+    let out = serve(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("master key") && err.contains("keys init"),
+        "{err}"
+    );
+}
