@@ -15,16 +15,15 @@ use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use privacy::{Entry, Keyring, associated_data, encrypt_cell};
+use privacy::{Entry, Keyring, associated_data, encrypt_values};
 use store::{CIPHER_SUFFIX, TableOptions, UnknownColumns, cipher_column};
 
 use crate::line_protocol::{FieldValue, ParsedLine};
 
-/// Per-request state of the privacy step: caches and what to report.
+/// Per-request state of the privacy step: caches per table, and what to report.
 #[derive(Default)]
 pub struct ProtectScratch {
-    /// Per scope (table): (subject value, period start) to its entry.
-    entries: HashMap<String, HashMap<(String, i64), Arc<Entry>>>,
+    scopes: HashMap<String, ScopeCache>,
     aad: Vec<u8>,
     /// Names of columns dropped from the request.
     pub dropped: BTreeSet<String>,
@@ -32,42 +31,67 @@ pub struct ProtectScratch {
     pub generation: u64,
 }
 
-/// Why a line was refused: a reason and the column, never a value.
-pub type Refusal = (String, Option<String>);
-
-enum Role<'p> {
-    Keep,
-    Drop,
-    Subject,
-    Personal(&'p str),
-    Unknown,
+/// What one table's profile says about each column it names, and the entries used so far.
+struct ScopeCache {
+    roles: HashMap<String, Role>,
+    /// Subject column to the name of its ciphertext column.
+    cipher_columns: HashMap<String, String>,
+    /// (period start, subject value) to its entry.
+    entries: HashMap<i64, HashMap<String, Arc<Entry>>>,
 }
 
-fn role<'p>(opts: &'p TableOptions, column: &str) -> Role<'p> {
-    if opts.drop.iter().any(|d| d == column) {
-        Role::Drop
-    } else if opts.subjects.contains_key(column) {
-        Role::Subject
-    } else if let Some(subject) = opts.subject_of(column) {
-        Role::Personal(subject)
-    } else if opts
-        .columns
-        .as_ref()
-        .is_none_or(|allowed| allowed.iter().any(|c| c == column))
-    {
-        Role::Keep
-    } else {
-        Role::Unknown
+impl ScopeCache {
+    fn new(opts: &TableOptions) -> Self {
+        let mut roles = HashMap::new();
+        for c in opts.columns.iter().flatten() {
+            roles.insert(c.clone(), Role::Keep);
+        }
+        for c in &opts.drop {
+            roles.insert(c.clone(), Role::Drop);
+        }
+        let mut cipher_columns = HashMap::new();
+        for (subject, personal) in &opts.subjects {
+            roles.insert(subject.clone(), Role::Subject);
+            cipher_columns.insert(subject.clone(), cipher_column(subject));
+            for p in personal {
+                roles.insert(p.clone(), Role::Personal(subject.clone()));
+            }
+        }
+        ScopeCache {
+            roles,
+            cipher_columns,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn role(&self, opts: &TableOptions, column: &str) -> Role {
+        match self.roles.get(column) {
+            Some(r) => r.clone(),
+            None if opts.columns.is_none() => Role::Keep,
+            None => Role::Unknown,
+        }
     }
 }
 
-fn text_of(value: &FieldValue<'_>) -> Cow<'static, str> {
+/// Why a line was refused: a reason and the column, never a value.
+pub type Refusal = (String, Option<String>);
+
+#[derive(Clone)]
+enum Role {
+    Keep,
+    Drop,
+    Subject,
+    Personal(String),
+    Unknown,
+}
+
+fn text_of<'a>(value: FieldValue<'a>) -> Cow<'a, str> {
     match value {
         FieldValue::Float(v) => Cow::Owned(v.to_string()),
         FieldValue::Integer(v) => Cow::Owned(v.to_string()),
         FieldValue::UInteger(v) => Cow::Owned(v.to_string()),
-        FieldValue::Boolean(v) => Cow::Borrowed(if *v { "true" } else { "false" }),
-        FieldValue::String(s) => Cow::Owned(s.to_string()),
+        FieldValue::Boolean(v) => Cow::Borrowed(if v { "true" } else { "false" }),
+        FieldValue::String(s) => s,
         FieldValue::Encrypted(_) => Cow::Borrowed(""),
     }
 }
@@ -81,51 +105,59 @@ pub fn protect_line<'a>(
     keyring: Option<&Keyring>,
     scratch: &mut ProtectScratch,
 ) -> Result<ParsedLine<'a>, Refusal> {
-    // Sort every column into its role; keep the line's kept tags and fields in place.
-    let mut subjects: Vec<(String, String)> = Vec::new();
-    let mut personal: Vec<(String, &str, String)> = Vec::new();
-    let mut refusal = None;
-    let mut sort = |name: &str, value: &dyn Fn() -> String| -> bool {
+    if !scratch.scopes.contains_key(scope) {
+        scratch
+            .scopes
+            .insert(scope.to_string(), ScopeCache::new(opts));
+    }
+    let cache = scratch.scopes.get_mut(scope).expect("inserted above");
+    // Sort every column into its role, moving values rather than copying them.
+    let mut subjects: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::new();
+    let mut personal: Vec<(Cow<'a, str>, String, Cow<'a, str>)> = Vec::new();
+    let mut keep_tags = Vec::with_capacity(line.tags.len() + opts.subjects.len());
+    let mut keep_fields = Vec::with_capacity(line.fields.len() + opts.subjects.len());
+    let tags = std::mem::take(&mut line.tags)
+        .into_iter()
+        .map(|(k, v)| (k, Ok(v)));
+    let fields = std::mem::take(&mut line.fields)
+        .into_iter()
+        .map(|(k, v)| (k, Err(v)));
+    for (name, value) in tags.chain(fields) {
         if name.ends_with(CIPHER_SUFFIX) {
-            refusal.get_or_insert((
+            return Err((
                 format!("column names ending in {CIPHER_SUFFIX:?} are reserved"),
-                Some(name.to_string()),
+                Some(name.into_owned()),
             ));
-            return false;
         }
-        match role(opts, name) {
-            Role::Keep => true,
+        let as_text = |v: Result<Cow<'a, str>, FieldValue<'a>>| match v {
+            Ok(t) => t,
+            Err(f) => text_of(f),
+        };
+        match cache.role(opts, &name) {
+            Role::Keep => match value {
+                Ok(v) => keep_tags.push((name, v)),
+                Err(v) => keep_fields.push((name, v)),
+            },
             Role::Drop => {
-                scratch.dropped.insert(name.to_string());
-                false
+                if !scratch.dropped.contains(name.as_ref()) {
+                    scratch.dropped.insert(name.into_owned());
+                }
             }
-            Role::Subject => {
-                subjects.push((name.to_string(), value()));
-                false
-            }
-            Role::Personal(subject) => {
-                personal.push((name.to_string(), subject, value()));
-                false
-            }
+            Role::Subject => subjects.push((name, as_text(value))),
+            Role::Personal(subject) => personal.push((name, subject, as_text(value))),
             Role::Unknown if opts.unknown_columns == UnknownColumns::Drop => {
-                scratch.dropped.insert(name.to_string());
-                false
+                if !scratch.dropped.contains(name.as_ref()) {
+                    scratch.dropped.insert(name.into_owned());
+                }
             }
             Role::Unknown => {
-                refusal.get_or_insert((
+                return Err((
                     "column is not in the table's privacy profile (allowed, subject, personal or dropped)"
                         .to_string(),
-                    Some(name.to_string()),
+                    Some(name.into_owned()),
                 ));
-                false
             }
         }
-    };
-    line.tags.retain(|(k, v)| sort(k, &|| v.to_string()));
-    line.fields
-        .retain(|(k, v)| sort(k, &|| text_of(v).into_owned()));
-    if let Some(r) = refusal {
-        return Err(r);
     }
     if let Some((column, subject, _)) = personal
         .iter()
@@ -133,9 +165,11 @@ pub fn protect_line<'a>(
     {
         return Err((
             format!("personal column needs its subject column {subject:?} in the same line"),
-            Some(column.clone()),
+            Some(column.to_string()),
         ));
     }
+    line.tags = keep_tags;
+    line.fields = keep_fields;
     if subjects.is_empty() {
         return Ok(line);
     }
@@ -146,13 +180,10 @@ pub fn protect_line<'a>(
         ));
     };
     let period = opts.key_period.period_of(time);
+    let entries = cache.entries.entry(period.0).or_default();
     let mut keys = Vec::with_capacity(subjects.len());
-    if !scratch.entries.contains_key(scope) {
-        scratch.entries.insert(scope.to_string(), HashMap::new());
-    }
-    let cache = scratch.entries.get_mut(scope).expect("inserted above");
     for (name, value) in &subjects {
-        let entry = match cache.get(&(value.clone(), period.0)) {
+        let entry = match entries.get(value.as_ref()) {
             Some(e) => e.clone(),
             None => {
                 let hash = keyring.subject_hash(value);
@@ -160,59 +191,35 @@ pub fn protect_line<'a>(
                     tracing::error!(error = %e, "keyring failed");
                     ("the keyring failed; see the server log".to_string(), None)
                 })?;
-                cache.insert((value.clone(), period.0), e.clone());
+                entries.insert(value.to_string(), e.clone());
                 e
             }
         };
         scratch.generation = scratch.generation.max(entry.generation());
-        line.tags.push((
-            Cow::Owned(name.clone()),
-            Cow::Owned(entry.pseudonym.clone()),
-        ));
+        line.tags
+            .push((name.clone(), Cow::Owned(entry.pseudonym.clone())));
         keys.push(entry);
     }
     // The series as stored: every tag, sorted by name.
     line.tags.sort_by(|a, b| a.0.cmp(&b.0));
-    let series: Vec<(&str, &str)> = line
-        .tags
-        .iter()
-        .map(|(k, v)| (k.as_ref(), v.as_ref()))
-        .collect();
-    let mut cells = Vec::with_capacity(subjects.len() + personal.len());
+    // One cell per subject: the subject value and that person's personal values.
+    let mut cells = Vec::with_capacity(subjects.len());
     for ((name, value), entry) in subjects.iter().zip(&keys) {
-        let column = cipher_column(name);
-        associated_data(
-            &mut scratch.aad,
-            scope,
-            &column,
-            series.iter().copied(),
-            time,
-        );
-        cells.push((column, encrypt_cell(entry, &scratch.aad, value.as_bytes())));
-    }
-    for (column, subject, value) in &personal {
-        let i = subjects
-            .iter()
-            .position(|(name, _)| name == subject)
-            .expect("checked above");
-        associated_data(
-            &mut scratch.aad,
-            scope,
-            column,
-            series.iter().copied(),
-            time,
+        let column = &cache.cipher_columns[name.as_ref()];
+        let series = line.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
+        associated_data(&mut scratch.aad, scope, column, series, time);
+        let values = std::iter::once((name.as_ref(), value.as_ref())).chain(
+            personal
+                .iter()
+                .filter(|(_, s, _)| s == name)
+                .map(|(p, _, v)| (p.as_ref(), v.as_ref())),
         );
         cells.push((
-            column.clone(),
-            encrypt_cell(&keys[i], &scratch.aad, value.as_bytes()),
+            Cow::Owned(column.clone()),
+            FieldValue::Encrypted(encrypt_values(entry, &scratch.aad, values)),
         ));
     }
-    drop(series);
-    line.fields.extend(
-        cells
-            .into_iter()
-            .map(|(c, cell)| (Cow::Owned(c), FieldValue::Encrypted(cell))),
-    );
+    line.fields.extend(cells);
     Ok(line)
 }
 
@@ -287,11 +294,8 @@ mod tests {
             "integers are subjects too"
         );
         let names: Vec<&str> = line.fields.iter().map(|(k, _)| k.as_ref()).collect();
-        assert_eq!(
-            names,
-            ["operator_id__enc", "supervisor_id__enc", "operator_name"]
-        );
-        let FieldValue::Encrypted(cell) = &line.fields[2].1 else {
+        assert_eq!(names, ["operator_id__enc", "supervisor_id__enc"]);
+        let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
             panic!()
         };
         let series: Vec<(&str, &str)> = line
@@ -300,12 +304,14 @@ mod tests {
             .map(|(k, v)| (k.as_ref(), v.as_ref()))
             .collect();
         let mut aad = Vec::new();
-        associated_data(&mut aad, "db/mes", "operator_name", series, 1_000);
+        associated_data(&mut aad, "db/mes", "operator_id__enc", series, 1_000);
         let keys = k.keys();
+        let plain = decrypt_cell(cell, &aad, |id| keys.get(id)).unwrap();
         assert_eq!(
-            decrypt_cell(cell, &aad, |id| keys.get(id)).unwrap(),
-            "Zoë O'Brien".as_bytes()
+            privacy::value_of(&plain, "operator_name"),
+            Some("Zoë O'Brien")
         );
+        assert_eq!(privacy::value_of(&plain, "operator_id"), Some("E7"));
         assert!(s.generation > 0);
     }
 

@@ -9,7 +9,9 @@ pub mod cell;
 pub mod keyring;
 pub mod master;
 
-pub use cell::{CellError, associated_data, decrypt_cell, encrypt_cell, key_id_of};
+pub use cell::{
+    CellError, associated_data, decrypt_cell, encrypt_cell, encrypt_values, key_id_of, value_of,
+};
 pub use keyring::{
     DESTROYED_FILE, DestroyReason, Entry, KEYRING_FILE, KeyView, Keyring, KeyringError,
     KeyringStatus, SubjectHash,

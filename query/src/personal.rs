@@ -28,7 +28,7 @@ use datafusion::physical_plan::{
     SendableRecordBatchStream,
 };
 use futures::StreamExt;
-use privacy::{CellError, Keyring, associated_data, decrypt_cell};
+use privacy::{CellError, Keyring, associated_data, decrypt_cell, value_of};
 use store::{CIPHER_SUFFIX, ColumnType, TIME_COLUMN};
 
 use crate::table::LakeTable;
@@ -49,8 +49,13 @@ pub enum PersonalAccess {
 enum ViewColumn {
     /// As stored (inner index).
     Plain(usize),
-    /// Decrypted from the cell column at this inner index, stored under this name.
-    Decrypted { cell: usize, stored_name: String },
+    /// The value named `value` in the subject cell at this inner index, stored under
+    /// `cell_name`.
+    Decrypted {
+        cell: usize,
+        cell_name: String,
+        value: String,
+    },
     /// NULL text.
     Masked,
 }
@@ -91,44 +96,50 @@ impl PersonalTable {
         let stored = inner.schema();
         let mut fields = Vec::new();
         let mut columns = Vec::new();
+        let cell_of = |subject: &str| {
+            let name = store::cipher_column(subject);
+            stored.index_of(&name).ok().map(|i| (i, name))
+        };
         for (i, f) in stored.fields().iter().enumerate() {
             let name = f.name();
-            let is_subject = options.subjects.contains_key(name.as_str());
-            let is_personal =
-                options.subject_of(name).is_some() && f.data_type() == &DataType::Binary;
             let subject_cell = name
                 .strip_suffix(CIPHER_SUFFIX)
                 .is_some_and(|s| options.subjects.contains_key(s));
-            if subject_cell {
+            // Personal columns come from the profile below (their values live in the
+            // subject's cell); a stored column of that name is never shown.
+            if subject_cell || options.subject_of(name).is_some() {
                 continue;
             }
-            if is_subject && access == PersonalAccess::Clear {
-                let cell_name = store::cipher_column(name);
-                match stored.index_of(&cell_name) {
-                    Ok(cell) => {
-                        fields.push(Field::new(name, DataType::Utf8, true));
-                        columns.push(ViewColumn::Decrypted {
-                            cell,
-                            stored_name: cell_name,
-                        });
-                    }
-                    Err(_) => {
-                        fields.push(f.as_ref().clone());
-                        columns.push(ViewColumn::Plain(i));
-                    }
+            let decrypted = (options.subjects.contains_key(name.as_str())
+                && access == PersonalAccess::Clear)
+                .then(|| cell_of(name))
+                .flatten();
+            match decrypted {
+                Some((cell, cell_name)) => {
+                    fields.push(Field::new(name, DataType::Utf8, true));
+                    columns.push(ViewColumn::Decrypted {
+                        cell,
+                        cell_name,
+                        value: name.clone(),
+                    });
                 }
-            } else if is_personal {
-                fields.push(Field::new(name, DataType::Utf8, true));
-                columns.push(match access {
-                    PersonalAccess::Clear => ViewColumn::Decrypted {
-                        cell: i,
-                        stored_name: name.clone(),
+                None => {
+                    fields.push(f.as_ref().clone());
+                    columns.push(ViewColumn::Plain(i));
+                }
+            }
+        }
+        for (subject, personal) in &options.subjects {
+            for p in personal {
+                fields.push(Field::new(p, DataType::Utf8, true));
+                columns.push(match (access, cell_of(subject)) {
+                    (PersonalAccess::Clear, Some((cell, cell_name))) => ViewColumn::Decrypted {
+                        cell,
+                        cell_name,
+                        value: p.clone(),
                     },
-                    PersonalAccess::Masked => ViewColumn::Masked,
+                    _ => ViewColumn::Masked,
                 });
-            } else {
-                fields.push(f.as_ref().clone());
-                columns.push(ViewColumn::Plain(i));
             }
         }
         let tags = snapshot
@@ -230,9 +241,14 @@ impl TableProvider for PersonalTable {
             .iter()
             .map(|&v| match &self.columns[v] {
                 ViewColumn::Plain(i) => Output::Plain(at(*i)),
-                ViewColumn::Decrypted { cell, stored_name } => Output::Decrypted {
+                ViewColumn::Decrypted {
+                    cell,
+                    cell_name,
+                    value,
+                } => Output::Decrypted {
                     cell: at(*cell),
-                    stored_name: stored_name.clone(),
+                    cell_name: cell_name.clone(),
+                    value: value.clone(),
                 },
                 ViewColumn::Masked => Output::Masked,
             })
@@ -279,7 +295,11 @@ impl TableProvider for PersonalTable {
 #[derive(Debug, Clone)]
 enum Output {
     Plain(usize),
-    Decrypted { cell: usize, stored_name: String },
+    Decrypted {
+        cell: usize,
+        cell_name: String,
+        value: String,
+    },
     Masked,
 }
 
@@ -305,11 +325,16 @@ impl Decryptor {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.outputs.len());
         let mut tampered = 0usize;
         let mut prepared: Option<RowContext> = None;
+        let mut opened: Vec<(usize, Vec<Option<Vec<u8>>>)> = Vec::new();
         for out in &self.outputs {
             match out {
                 Output::Plain(i) => columns.push(batch.column(*i).clone()),
                 Output::Masked => columns.push(new_null_array(&DataType::Utf8, rows)),
-                Output::Decrypted { cell, stored_name } => {
+                Output::Decrypted {
+                    cell,
+                    cell_name,
+                    value,
+                } => {
                     if prepared.is_none() {
                         let tags = self
                             .series
@@ -328,10 +353,23 @@ impl Decryptor {
                         prepared = Some((tags, time));
                     }
                     let (tags, time) = prepared.as_ref().expect("prepared");
-                    let (array, bad) =
-                        self.decrypt_column(batch.column(*cell), stored_name, tags, time.as_ref())?;
-                    tampered += bad;
-                    columns.push(array);
+                    // Each subject cell is opened once per batch, whatever columns it feeds.
+                    if !opened.iter().any(|(c, _)| c == cell) {
+                        let (plain, bad) =
+                            self.open_cells(batch.column(*cell), cell_name, tags, time.as_ref());
+                        tampered += bad;
+                        opened.push((*cell, plain));
+                    }
+                    let plain = &opened
+                        .iter()
+                        .find(|(c, _)| c == cell)
+                        .expect("opened above")
+                        .1;
+                    let mut out = StringBuilder::with_capacity(rows, rows * 16);
+                    for p in plain {
+                        out.append_option(p.as_deref().and_then(|p| value_of(p, value)));
+                    }
+                    columns.push(Arc::new(out.finish()));
                 }
             }
         }
@@ -349,13 +387,15 @@ impl Decryptor {
         )?)
     }
 
-    fn decrypt_column(
+    /// Opens each row's cell (None: null, past the personal TTL, key destroyed, or failed
+    /// its integrity check); returns the plaintexts and how many failed the check.
+    fn open_cells(
         &self,
         cells: &ArrayRef,
         column: &str,
         tags: &[(String, StringArray)],
         time: Option<&ArrayRef>,
-    ) -> Result<(ArrayRef, usize)> {
+    ) -> (Vec<Option<Vec<u8>>>, usize) {
         let rows = cells.len();
         let (Some(keyring), Some(cells), Some(time)) = (
             &self.keyring,
@@ -365,15 +405,15 @@ impl Decryptor {
                     .downcast_ref::<arrow::array::TimestampNanosecondArray>()
             }),
         ) else {
-            return Ok((new_null_array(&DataType::Utf8, rows), 0));
+            return (vec![None; rows], 0);
         };
         let keys = keyring.keys();
-        let mut out = StringBuilder::with_capacity(rows, rows * 16);
+        let mut out = Vec::with_capacity(rows);
         let mut aad = Vec::with_capacity(128);
         let mut tampered = 0;
         for row in 0..rows {
             if cells.is_null(row) || time.is_null(row) || time.value(row) < self.personal_horizon {
-                out.append_null();
+                out.push(None);
                 continue;
             }
             let series = tags
@@ -381,22 +421,18 @@ impl Decryptor {
                 .filter(|(_, a)| a.is_valid(row))
                 .map(|(n, a)| (n.as_str(), a.value(row)));
             associated_data(&mut aad, &self.scope, column, series, time.value(row));
-            match decrypt_cell(cells.value(row), &aad, |id| keys.get(id)) {
-                Ok(plain) => match String::from_utf8(plain) {
-                    Ok(s) => out.append_value(s),
-                    Err(_) => {
+            out.push(
+                match decrypt_cell(cells.value(row), &aad, |id| keys.get(id)) {
+                    Ok(plain) => Some(plain),
+                    Err(CellError::KeyGone) => None,
+                    Err(CellError::Tampered | CellError::Malformed) => {
                         tampered += 1;
-                        out.append_null();
+                        None
                     }
                 },
-                Err(CellError::KeyGone) => out.append_null(),
-                Err(CellError::Tampered | CellError::Malformed) => {
-                    tampered += 1;
-                    out.append_null();
-                }
-            }
+            );
         }
-        Ok((Arc::new(out.finish()), tampered))
+        (out, tampered)
     }
 }
 
@@ -474,5 +510,238 @@ impl ExecutionPlan for PersonalExec {
         let out = schema.clone();
         let stream = input.map(move |batch| decryptor.apply(&batch?, &schema));
         Ok(Box::pin(RecordBatchStreamAdapter::new(out, stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use arrow::array::{StringDictionaryBuilder, TimestampNanosecondArray, UInt64Array};
+    use arrow::datatypes::Int32Type;
+    use datafusion::common::ScalarValue;
+    use datafusion::execution::object_store::ObjectStoreUrl;
+    use datafusion::logical_expr::col;
+    use datafusion::prelude::SessionContext;
+    use privacy::{DestroyReason, MasterKey, encrypt_values};
+    use store::{KeyPeriod, PartitionGranularity, TableOptions, TableSchema, TableSnapshot};
+
+    use super::*;
+
+    const DAY: i64 = 86_400_000_000_000;
+    const NOW: i64 = 100 * DAY + 10;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        keyring: Arc<Keyring>,
+        snapshot: TableSnapshot,
+        pseudonyms: BTreeMap<&'static str, String>,
+    }
+
+    /// Rows (event, subject, name, time); `swap` exchanges the cells of rows 0 and 1.
+    fn fixture(swap: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = Arc::new(Keyring::init(dir.path(), MasterKey::generate().unwrap()).unwrap());
+        let rows = [
+            ("login", "E1", "Ann", 100 * DAY),
+            ("login", "E2", "Bob", 100 * DAY + 1),
+            ("alarm", "E1", "Ann", 10 * DAY),
+        ];
+        let mut schema = TableSchema::new();
+        for (name, ty) in [
+            ("event", ColumnType::Tag),
+            ("operator_id", ColumnType::Tag),
+            ("operator_id__enc", ColumnType::Encrypted),
+        ] {
+            schema.add_column(name, ty);
+        }
+        let mut options = TableOptions {
+            ttl: Some(std::time::Duration::from_secs(365 * 86_400)),
+            personal_ttl: Some(std::time::Duration::from_secs(30 * 86_400)),
+            ..Default::default()
+        };
+        options
+            .subjects
+            .insert("operator_id".into(), vec!["operator_name".into()]);
+        let mut events = StringDictionaryBuilder::<Int32Type>::new();
+        let mut subjects = StringDictionaryBuilder::<Int32Type>::new();
+        let (mut enc, mut times) = (Vec::new(), Vec::new());
+        let mut pseudonyms = BTreeMap::new();
+        let mut aad = Vec::new();
+        for (event, subject, name, time) in rows {
+            let entry = keyring
+                .entry_for(
+                    "db/mes",
+                    &keyring.subject_hash(subject),
+                    KeyPeriod::Month.period_of(time),
+                )
+                .unwrap();
+            // The pseudonym of the subject's first row (a later month gets another).
+            pseudonyms
+                .entry(subject)
+                .or_insert_with(|| entry.pseudonym.clone());
+            let series = [("event", event), ("operator_id", entry.pseudonym.as_str())];
+            associated_data(&mut aad, "db/mes", "operator_id__enc", series, time);
+            let values = [("operator_id", subject), ("operator_name", name)];
+            enc.push(encrypt_values(&entry, &aad, values));
+            events.append_value(event);
+            subjects.append_value(&entry.pseudonym);
+            times.push(time);
+        }
+        if swap {
+            enc.swap(0, 1);
+        }
+        let stored = schema.arrow_schema();
+        let columns: Vec<ArrayRef> = stored
+            .fields()
+            .iter()
+            .map(|f| -> ArrayRef {
+                match f.name().as_str() {
+                    "event" => Arc::new(events.finish()),
+                    "operator_id" => Arc::new(subjects.finish()),
+                    "time" => Arc::new(TimestampNanosecondArray::from(times.clone())),
+                    "operator_id__enc" => Arc::new(BinaryArray::from_iter_values(&enc)),
+                    _ => Arc::new(UInt64Array::from(vec![1, 2, 3])),
+                }
+            })
+            .collect();
+        let batch = RecordBatch::try_new(stored, columns).unwrap();
+        let batch = store::dedup::sort_dedup(&batch).unwrap();
+        let partition = PartitionGranularity::Day.partition_of(0);
+        Fixture {
+            _dir: dir,
+            keyring,
+            snapshot: TableSnapshot {
+                db: "db".into(),
+                table: "mes".into(),
+                schema,
+                options,
+                buffered: vec![(partition, vec![batch])],
+                manifest: None,
+            },
+            pseudonyms,
+        }
+    }
+
+    async fn run(
+        f: &Fixture,
+        access: PersonalAccess,
+        filter: Option<Expr>,
+        sql: &str,
+    ) -> Vec<RecordBatch> {
+        let lake = ObjectStoreUrl::parse("historian://lake/").unwrap();
+        let table = PersonalTable::new(
+            LakeTable::new(f.snapshot.clone(), lake, NOW),
+            Some(f.keyring.clone()),
+            access,
+            NOW,
+        )
+        .with_row_filter(filter);
+        let ctx = SessionContext::new();
+        ctx.register_table("mes", Arc::new(table)).unwrap();
+        ctx.sql(sql).await.unwrap().collect().await.unwrap()
+    }
+
+    fn strings(batches: &[RecordBatch], column: usize) -> Vec<Option<String>> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c = arrow::compute::cast(b.column(column), &DataType::Utf8).unwrap();
+                let c = c.as_any().downcast_ref::<StringArray>().unwrap().clone();
+                (0..c.len()).map(move |i| c.is_valid(i).then(|| c.value(i).to_string()))
+            })
+            .collect()
+    }
+
+    const BY_TIME: &str = "SELECT operator_id, operator_name FROM mes ORDER BY time";
+
+    #[tokio::test]
+    async fn masked_sessions_see_pseudonyms_and_nulls_only() {
+        let f = fixture(false);
+        let out = run(&f, PersonalAccess::Masked, None, BY_TIME).await;
+        let ids = strings(&out, 0);
+        // The alarm, months earlier, has a pseudonym of its own period.
+        assert!(ids[0].as_ref().unwrap().starts_with("ps-") && ids[0] != ids[1]);
+        assert_eq!(
+            ids[1..],
+            [
+                Some(f.pseudonyms["E1"].clone()),
+                Some(f.pseudonyms["E2"].clone())
+            ]
+        );
+        assert_eq!(strings(&out, 1), vec![None, None, None]);
+        let out = run(&f, PersonalAccess::Masked, None, "SELECT * FROM mes").await;
+        assert!(
+            out[0]
+                .schema()
+                .fields()
+                .iter()
+                .all(|c| !c.name().ends_with(CIPHER_SUFFIX))
+        );
+        // A filter on a masked column sees what the session sees: NULL.
+        let out = run(
+            &f,
+            PersonalAccess::Masked,
+            None,
+            "SELECT count(*) FROM mes WHERE operator_name = 'Ann'",
+        )
+        .await;
+        assert_eq!(strings(&out, 0), vec![Some("0".into())]);
+    }
+
+    #[tokio::test]
+    async fn clear_sessions_decrypt_within_personal_ttl_only() {
+        let f = fixture(false);
+        let out = run(&f, PersonalAccess::Clear, None, BY_TIME).await;
+        // The alarm 90 days before NOW is past the 30-day personal TTL: hidden at once.
+        assert_eq!(
+            strings(&out, 0),
+            vec![None, Some("E1".into()), Some("E2".into())]
+        );
+        assert_eq!(
+            strings(&out, 1),
+            vec![None, Some("Ann".into()), Some("Bob".into())]
+        );
+        let out = run(
+            &f,
+            PersonalAccess::Clear,
+            None,
+            "SELECT count(*) FROM mes WHERE operator_name = 'Ann'",
+        )
+        .await;
+        assert_eq!(strings(&out, 0), vec![Some("1".into())]);
+    }
+
+    #[tokio::test]
+    async fn moved_cells_and_destroyed_keys_read_as_null() {
+        let f = fixture(true);
+        let out = run(&f, PersonalAccess::Clear, None, BY_TIME).await;
+        assert_eq!(
+            strings(&out, 0),
+            vec![None, None, None],
+            "moved cells fail their AD check"
+        );
+        assert_eq!(strings(&out, 1), vec![None, None, None]);
+        let f = fixture(false);
+        let bob = f.keyring.subject_entries(&f.keyring.subject_hash("E2"));
+        f.keyring
+            .destroy(&[bob[0].key_id], DestroyReason::Erasure)
+            .unwrap();
+        let out = run(&f, PersonalAccess::Clear, None, BY_TIME).await;
+        assert_eq!(strings(&out, 1), vec![None, Some("Ann".into()), None]);
+    }
+
+    #[tokio::test]
+    async fn the_row_filter_is_a_barrier_below_user_expressions() {
+        let f = fixture(false);
+        let only_e2 = col("operator_id").in_list(
+            vec![datafusion::logical_expr::lit(ScalarValue::Dictionary(
+                Box::new(DataType::Int32),
+                Box::new(ScalarValue::Utf8(Some(f.pseudonyms["E2"].clone()))),
+            ))],
+            false,
+        );
+        let out = run(&f, PersonalAccess::Clear, Some(only_e2), BY_TIME).await;
+        assert_eq!(strings(&out, 0), vec![Some("E2".into())]);
     }
 }
