@@ -71,8 +71,15 @@ fn read_master(source: &MasterKeySource) -> Result<MasterKey, Box<dyn std::error
     })
 }
 
-/// Opens the keyring with the configured master key. A rotation interrupted between
-/// re-sealing the keyring and renaming the new key file is finished here.
+/// Opens the keyring read-only (status, backup), beside a running server.
+fn open_read_only(config: &Config) -> Result<Keyring, Box<dyn std::error::Error>> {
+    let master = read_master(&config.master_key_source()?)?;
+    Ok(Keyring::open_read_only(&config.keyring_dir()?, master)?)
+}
+
+/// Opens the keyring with the configured master key, taking its lock. A rotation
+/// interrupted between re-sealing the keyring and renaming the new key file is finished
+/// here.
 pub fn open(config: &Config) -> Result<Keyring, Box<dyn std::error::Error>> {
     let dir = config.keyring_dir()?;
     let source = config.master_key_source()?;
@@ -141,11 +148,11 @@ pub fn run(args: KeysArgs) -> Result<(), Box<dyn std::error::Error>> {
             println!("keyring created in {}", dir.display());
         }
         KeysCommand::Status => {
-            let status = open(&config)?.status();
+            let status = open_read_only(&config)?.status();
             println!("{}", serde_json::to_string_pretty(&status)?);
         }
         KeysCommand::Backup { out } => {
-            let bytes = open(&config)?.backup(&out)?;
+            let bytes = open_read_only(&config)?.backup(&out)?;
             println!(
                 "backed up {bytes} bytes to {} (the master key is not in it)",
                 out.display()

@@ -741,3 +741,183 @@ fn an_upload_interrupted_by_a_crash_leaves_no_orphan_and_loses_nothing() {
         m["files"].as_array().unwrap().len()
     );
 }
+
+/// Every file under `dir`, raw, plus every string or binary cell of every Parquet file.
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let bytes = std::fs::read(&p).unwrap();
+            let mut cells = Vec::new();
+            if p.extension().is_some_and(|e| e == "parquet") {
+                for batch in common::read_parquet(&p) {
+                    for c in batch.columns() {
+                        if let Ok(text) = arrow::compute::cast(c, &DataType::Utf8) {
+                            cells.extend(
+                                text.as_string::<i32>().iter().flatten().map(str::to_string),
+                            );
+                        }
+                    }
+                }
+            }
+            out.push((p, bytes, cells));
+        }
+    }
+    out
+}
+
+fn found_in(objects: &[(PathBuf, Vec<u8>, Vec<String>)], value: &str) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|(_, bytes, cells)| {
+            bytes.windows(value.len()).any(|w| w == value.as_bytes())
+                || cells.iter().any(|c| c.contains(value))
+        })
+        .map(|(p, _, _)| p.display().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn personal_data_on_s3_is_ciphertext_and_erasure_rewrites_the_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let bucket = "privacy";
+    moto.create_bucket(bucket);
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let profile = r#"flush_age = "1s"
+interval = "200ms"
+deletion_grace = "1s"
+
+[query]
+timeout = "500ms"
+
+[tables.mes_event]
+columns = ["line", "event", "job_id"]
+[tables.mes_event.subjects]
+operator_id = ["operator_name", "badge_id"]
+"#;
+    let cfg = config(&moto.endpoint, bucket, "plant", profile);
+    std::fs::write(data.join("historian.toml"), &cfg).unwrap();
+    let init = Command::new(env!("CARGO_BIN_EXE_historian"))
+        .args(["keys", "init", "--config"])
+        .arg(data.join("historian.toml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut server = Server::start(&data, &cfg);
+    let client = reqwest::Client::new();
+    let t0 = today() - 2 * DAY_NS;
+    let mut body = String::new();
+    for i in 0..200i64 {
+        let (who, name, badge) = if i % 2 == 0 {
+            ("E-S3-ALPHA", "Xaver Quellbrunn", "BADGE-ALPHA-77")
+        } else {
+            ("E-S3-BRAVO", "Yolanda Zwirnhof", "BADGE-BRAVO-88")
+        };
+        // Each person on two days, so in two partitions.
+        let t = t0 + ((i / 2) % 2) * DAY_NS + i * 1_000_000_000;
+        body.push_str(&format!(
+            "mes_event,line=L{},event=login operator_id=\"{who}\",operator_name=\"{name}\",badge_id=\"{badge}\",job_id=\"JOB-CLEAR-{i}\" {t}\n",
+            i % 3
+        ));
+    }
+    write_acked(&client, &write_url(&server), body).await;
+    server.restart_graceful();
+
+    let secrets = [
+        "E-S3-ALPHA",
+        "Xaver Quellbrunn",
+        "BADGE-ALPHA-77",
+        "E-S3-BRAVO",
+        "Yolanda Zwirnhof",
+        "BADGE-BRAVO-88",
+    ];
+    let dest = dir.path().join("objects");
+    assert!(moto.download(bucket, "plant/", &dest) > 0);
+    let objects = contents(&dest);
+    assert!(
+        !found_in(&objects, "JOB-CLEAR-7").is_empty(),
+        "clear columns are visible to the scan"
+    );
+    for s in secrets {
+        assert!(
+            found_in(&objects, s).is_empty(),
+            "{s} in clear on S3: {:?}",
+            found_in(&objects, s)
+        );
+    }
+
+    // The pseudonyms of ALPHA (masked rows at ALPHA's times).
+    let masked = common::rows(&server, DB, "SELECT time, operator_id FROM mes_event").await;
+    let exported = {
+        let (status, body) = common::post(
+            &client,
+            &server.url("/api/v3/subjects/export"),
+            serde_json::json!({"subject": "E-S3-ALPHA"}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        body["rows"].as_array().unwrap().clone()
+    };
+    assert_eq!(exported.len(), 100);
+    assert!(
+        exported
+            .iter()
+            .all(|r| r["operator_name"] == "Xaver Quellbrunn")
+    );
+    let times: BTreeSet<String> = exported.iter().map(|r| r["time"].to_string()).collect();
+    let pseudonyms: BTreeSet<String> = masked
+        .iter()
+        .filter(|r| times.contains(&r["time"].to_string()))
+        .map(|r| r["operator_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!pseudonyms.is_empty());
+
+    let (status, receipt) = common::post(
+        &client,
+        &server.url("/api/v3/subjects/erase"),
+        serde_json::json!({"subject": "E-S3-ALPHA"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{receipt}");
+    assert!(
+        receipt["receipt"]["files_rewritten"].as_u64().unwrap() >= 2,
+        "{receipt}"
+    );
+    // Once the replaced objects are past their grace period, no object holds ALPHA's
+    // pseudonyms; BRAVO's rows are all there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = std::fs::remove_dir_all(&dest);
+        moto.download(bucket, "plant/", &dest);
+        let objects = contents(&dest);
+        let left: Vec<String> = pseudonyms
+            .iter()
+            .flat_map(|p| found_in(&objects, p))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ALPHA's pseudonyms still on S3: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let left = common::rows(&server, DB, "SELECT count(*) AS n FROM mes_event").await;
+    assert_eq!(left[0]["n"], 100);
+    server.stop();
+}

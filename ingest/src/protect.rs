@@ -13,6 +13,8 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+
+use ahash::AHashMap;
 use std::sync::Arc;
 
 use privacy::{Entry, Keyring, associated_data, encrypt_values};
@@ -33,55 +35,72 @@ pub struct ProtectScratch {
 
 /// What one table's profile says about each column it names, and the entries used so far.
 struct ScopeCache {
-    roles: HashMap<String, Role>,
-    /// Subject column to the name of its ciphertext column.
-    cipher_columns: HashMap<String, String>,
-    /// (period start, subject value) to its entry.
-    entries: HashMap<i64, HashMap<String, Arc<Entry>>>,
+    roles: AHashMap<String, Role>,
+    /// Subject columns with the names of their ciphertext columns.
+    subjects: Vec<(String, String)>,
+    /// The columns of the previous line with their roles: lines of one table mostly share
+    /// their shape, so a comparison usually replaces a lookup.
+    last_shape: Vec<(String, Role)>,
+    /// Period start, then subject value, to its entry.
+    entries: AHashMap<i64, AHashMap<String, Arc<Entry>>>,
 }
 
 impl ScopeCache {
     fn new(opts: &TableOptions) -> Self {
-        let mut roles = HashMap::new();
+        let mut roles = AHashMap::new();
         for c in opts.columns.iter().flatten() {
             roles.insert(c.clone(), Role::Keep);
         }
         for c in &opts.drop {
             roles.insert(c.clone(), Role::Drop);
         }
-        let mut cipher_columns = HashMap::new();
-        for (subject, personal) in &opts.subjects {
-            roles.insert(subject.clone(), Role::Subject);
-            cipher_columns.insert(subject.clone(), cipher_column(subject));
+        let mut subjects = Vec::new();
+        for (i, (subject, personal)) in opts.subjects.iter().enumerate() {
+            roles.insert(subject.clone(), Role::Subject(i));
+            subjects.push((subject.clone(), cipher_column(subject)));
             for p in personal {
-                roles.insert(p.clone(), Role::Personal(subject.clone()));
+                roles.insert(p.clone(), Role::Personal(i));
             }
         }
         ScopeCache {
             roles,
-            cipher_columns,
-            entries: HashMap::new(),
+            subjects,
+            last_shape: Vec::new(),
+            entries: AHashMap::new(),
         }
     }
 
-    fn role(&self, opts: &TableOptions, column: &str) -> Role {
-        match self.roles.get(column) {
-            Some(r) => r.clone(),
+    /// The role of the `position`-th column of a line.
+    fn role(&mut self, opts: &TableOptions, position: usize, column: &str) -> Role {
+        if let Some((name, role)) = self.last_shape.get(position)
+            && name == column
+        {
+            return *role;
+        }
+        let role = match self.roles.get(column) {
+            Some(r) => *r,
             None if opts.columns.is_none() => Role::Keep,
             None => Role::Unknown,
+        };
+        if position < self.last_shape.len() {
+            self.last_shape[position] = (column.to_string(), role);
+        } else if position == self.last_shape.len() {
+            self.last_shape.push((column.to_string(), role));
         }
+        role
     }
 }
 
 /// Why a line was refused: a reason and the column, never a value.
 pub type Refusal = (String, Option<String>);
 
-#[derive(Clone)]
+/// What the profile makes of a column; subjects by their index in the profile.
+#[derive(Clone, Copy)]
 enum Role {
     Keep,
     Drop,
-    Subject,
-    Personal(String),
+    Subject(usize),
+    Personal(usize),
     Unknown,
 }
 
@@ -112,8 +131,8 @@ pub fn protect_line<'a>(
     }
     let cache = scratch.scopes.get_mut(scope).expect("inserted above");
     // Sort every column into its role, moving values rather than copying them.
-    let mut subjects: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::new();
-    let mut personal: Vec<(Cow<'a, str>, String, Cow<'a, str>)> = Vec::new();
+    let mut subjects: Vec<(usize, Cow<'a, str>)> = Vec::new();
+    let mut personal: Vec<(Cow<'a, str>, usize, Cow<'a, str>)> = Vec::new();
     let mut keep_tags = Vec::with_capacity(line.tags.len() + opts.subjects.len());
     let mut keep_fields = Vec::with_capacity(line.fields.len() + opts.subjects.len());
     let tags = std::mem::take(&mut line.tags)
@@ -122,7 +141,7 @@ pub fn protect_line<'a>(
     let fields = std::mem::take(&mut line.fields)
         .into_iter()
         .map(|(k, v)| (k, Err(v)));
-    for (name, value) in tags.chain(fields) {
+    for (position, (name, value)) in tags.chain(fields).enumerate() {
         if name.ends_with(CIPHER_SUFFIX) {
             return Err((
                 format!("column names ending in {CIPHER_SUFFIX:?} are reserved"),
@@ -133,7 +152,7 @@ pub fn protect_line<'a>(
             Ok(t) => t,
             Err(f) => text_of(f),
         };
-        match cache.role(opts, &name) {
+        match cache.role(opts, position, &name) {
             Role::Keep => match value {
                 Ok(v) => keep_tags.push((name, v)),
                 Err(v) => keep_fields.push((name, v)),
@@ -143,8 +162,8 @@ pub fn protect_line<'a>(
                     scratch.dropped.insert(name.into_owned());
                 }
             }
-            Role::Subject => subjects.push((name, as_text(value))),
-            Role::Personal(subject) => personal.push((name, subject, as_text(value))),
+            Role::Subject(i) => subjects.push((i, as_text(value))),
+            Role::Personal(i) => personal.push((name, i, as_text(value))),
             Role::Unknown if opts.unknown_columns == UnknownColumns::Drop => {
                 if !scratch.dropped.contains(name.as_ref()) {
                     scratch.dropped.insert(name.into_owned());
@@ -161,10 +180,13 @@ pub fn protect_line<'a>(
     }
     if let Some((column, subject, _)) = personal
         .iter()
-        .find(|(_, s, _)| !subjects.iter().any(|(name, _)| name == s))
+        .find(|(_, s, _)| !subjects.iter().any(|(i, _)| i == s))
     {
         return Err((
-            format!("personal column needs its subject column {subject:?} in the same line"),
+            format!(
+                "personal column needs its subject column {:?} in the same line",
+                cache.subjects[*subject].0
+            ),
             Some(column.to_string()),
         ));
     }
@@ -182,7 +204,7 @@ pub fn protect_line<'a>(
     let period = opts.key_period.period_of(time);
     let entries = cache.entries.entry(period.0).or_default();
     let mut keys = Vec::with_capacity(subjects.len());
-    for (name, value) in &subjects {
+    for (i, value) in &subjects {
         let entry = match entries.get(value.as_ref()) {
             Some(e) => e.clone(),
             None => {
@@ -196,22 +218,24 @@ pub fn protect_line<'a>(
             }
         };
         scratch.generation = scratch.generation.max(entry.generation());
-        line.tags
-            .push((name.clone(), Cow::Owned(entry.pseudonym.clone())));
+        line.tags.push((
+            Cow::Owned(cache.subjects[*i].0.clone()),
+            Cow::Owned(entry.pseudonym.clone()),
+        ));
         keys.push(entry);
     }
     // The series as stored: every tag, sorted by name.
     line.tags.sort_by(|a, b| a.0.cmp(&b.0));
     // One cell per subject: the subject value and that person's personal values.
     let mut cells = Vec::with_capacity(subjects.len());
-    for ((name, value), entry) in subjects.iter().zip(&keys) {
-        let column = &cache.cipher_columns[name.as_ref()];
+    for ((i, value), entry) in subjects.iter().zip(&keys) {
+        let (name, column) = &cache.subjects[*i];
         let series = line.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
         associated_data(&mut scratch.aad, scope, column, series, time);
-        let values = std::iter::once((name.as_ref(), value.as_ref())).chain(
+        let values = std::iter::once((name.as_str(), value.as_ref())).chain(
             personal
                 .iter()
-                .filter(|(_, s, _)| s == name)
+                .filter(|(_, s, _)| s == i)
                 .map(|(p, _, v)| (p.as_ref(), v.as_ref())),
         );
         cells.push((

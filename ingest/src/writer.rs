@@ -278,6 +278,7 @@ impl Ingester {
         let lines_written = validated.lines_accepted;
         if validated.keyring_generation > 0
             && let Some(keyring) = &self.keyring
+            && !keyring.is_durable(validated.keyring_generation)
         {
             // A data key is durable before anything encrypted under it is logged.
             let keyring = keyring.clone();

@@ -29,6 +29,8 @@ use crate::master::MasterKey;
 pub const KEYRING_FILE: &str = "keyring.dat";
 /// File name of the log of destroyed keys.
 pub const DESTROYED_FILE: &str = "destroyed.log";
+/// File locked by the one process that may change the keyring.
+const LOCK_FILE: &str = "keyring.lock";
 
 const MAGIC: &[u8; 8] = b"HISTKR01";
 const RECORD_AAD: &[u8] = b"historian keyring record v1";
@@ -69,6 +71,12 @@ pub enum KeyringError {
     /// The system random source failed.
     #[error("the system random source failed")]
     Random,
+    /// Another process (a running server) holds the keyring.
+    #[error("the keyring at {0} is in use by another process (a running server?); stop it first")]
+    InUse(String),
+    /// A keyring opened read-only cannot change.
+    #[error("the keyring was opened read-only")]
+    ReadOnly,
 }
 
 /// Why a key was destroyed.
@@ -286,6 +294,10 @@ pub struct Keyring {
     // Lock order: `files`, then `state`.
     files: Mutex<Files>,
     state: RwLock<State>,
+    /// Mirror of `files.durable_generation`, readable without the lock.
+    durable: std::sync::atomic::AtomicU64,
+    /// The exclusive lock of a writable keyring; None when opened read-only.
+    lock: Option<File>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -464,14 +476,29 @@ impl Keyring {
             hash_key: hex::encode(hash_key),
             created_ns: now_ns(),
         };
+        let lock = lock(dir)?;
         let mut bytes = MAGIC.to_vec();
         bytes.extend(seal_record(&master, &rng, &header)?);
         write_atomically(&path, &bytes)?;
-        Self::open(dir, master)
+        Self::load(dir, master, Some(lock))
     }
 
-    /// Opens the keyring in `dir`, re-applying the log of destroyed keys.
+    /// Opens the keyring in `dir` for a process that may change it (the server, restore,
+    /// rotate): takes its exclusive lock, cuts a torn last record, and re-applies the log of
+    /// destroyed keys to the file.
     pub fn open(dir: &Path, master: MasterKey) -> Result<Keyring, KeyringError> {
+        let lock = lock(dir)?;
+        Self::load(dir, master, Some(lock))
+    }
+
+    /// Opens the keyring to read it (status, backup) while a server may hold it: changes
+    /// nothing on disk.
+    pub fn open_read_only(dir: &Path, master: MasterKey) -> Result<Keyring, KeyringError> {
+        Self::load(dir, master, None)
+    }
+
+    fn load(dir: &Path, master: MasterKey, lock: Option<File>) -> Result<Keyring, KeyringError> {
+        let writable = lock.is_some();
         let path = dir.join(KEYRING_FILE);
         let (records, valid_len) = read_records(&path, &master)?;
         let destroyed_path = dir.join(DESTROYED_FILE);
@@ -522,7 +549,7 @@ impl Keyring {
         }
         // Cut a torn tail before anything is appended after it.
         let file_len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
-        if file_len > valid_len {
+        if writable && file_len > valid_len {
             tracing::warn!(
                 path = %path.display(),
                 cut = file_len - valid_len,
@@ -547,8 +574,10 @@ impl Keyring {
             }),
             master,
             state: RwLock::new(state),
+            durable: std::sync::atomic::AtomicU64::new(0),
+            lock,
         };
-        if reapplied > 0 {
+        if writable && reapplied > 0 {
             // A backup from before some destruction was restored: remove those keys from
             // the file too, not only from memory.
             tracing::warn!(reapplied, "re-applied destroyed keys to the keyring");
@@ -565,8 +594,9 @@ impl Keyring {
         read_records(backup, &master)?;
         let bytes = std::fs::read(backup).map_err(io_err(backup))?;
         create_private_dir(dir)?;
+        let lock = lock(dir)?;
         write_atomically(&dir.join(KEYRING_FILE), &bytes)?;
-        Self::open(dir, master)
+        Self::load(dir, master, Some(lock))
     }
 
     /// Rewrites the keyring under a new master key. Stop the server first.
@@ -660,8 +690,16 @@ impl Keyring {
         Ok(entry)
     }
 
+    /// Whether every entry up to `generation` is durable already (no I/O, no lock).
+    pub fn is_durable(&self, generation: u64) -> bool {
+        self.durable.load(std::sync::atomic::Ordering::Acquire) >= generation
+    }
+
     /// Makes every entry up to `generation` durable (appended and fsynced). Blocking.
     pub fn ensure_durable(&self, generation: u64) -> Result<(), KeyringError> {
+        if self.lock.is_none() {
+            return Err(KeyringError::ReadOnly);
+        }
         let mut files = self.files.lock();
         if files.durable_generation >= generation {
             return Ok(());
@@ -688,6 +726,8 @@ impl Keyring {
         match result {
             Ok(()) => {
                 files.durable_generation = upto;
+                self.durable
+                    .store(upto, std::sync::atomic::Ordering::Release);
                 Ok(())
             }
             Err(e) => {
@@ -759,6 +799,9 @@ impl Keyring {
         if key_ids.is_empty() {
             return Ok(0);
         }
+        if self.lock.is_none() {
+            return Err(KeyringError::ReadOnly);
+        }
         let mut files = self.files.lock();
         let log_path = self.dir.join(DESTROYED_FILE);
         let now = now_ns();
@@ -794,6 +837,8 @@ impl Keyring {
         let state = parking_lot::RwLockWriteGuard::downgrade(state);
         self.rewrite(&mut files, &state)?;
         files.durable_generation = upto;
+        self.durable
+            .store(upto, std::sync::atomic::Ordering::Release);
         Ok(destroyed)
     }
 
@@ -867,6 +912,20 @@ impl State {
     }
 }
 
+/// Takes the keyring's exclusive lock (released when the file is closed, also by a crash).
+fn lock(dir: &Path) -> Result<File, KeyringError> {
+    create_private_dir(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let file = open_append(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(KeyringError::InUse(dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    }
+}
+
 fn create_private_dir(dir: &Path) -> Result<(), KeyringError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
@@ -925,6 +984,23 @@ mod tests {
         // Made durable up to the generation of `next`: the entry for db/other came after.
         assert_eq!(k.subject_entries(&alice).len(), 3);
         assert_eq!(k.status().scopes.len(), 2);
+    }
+
+    #[test]
+    fn one_writer_at_a_time_and_readers_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterKey::generate().unwrap();
+        let k = keyring(dir.path(), &master);
+        let err = Keyring::open(dir.path(), master.clone()).unwrap_err();
+        assert!(matches!(err, KeyringError::InUse(_)), "{err}");
+        let reader = Keyring::open_read_only(dir.path(), master.clone()).unwrap();
+        let e = reader
+            .entry_for("db/t", &reader.subject_hash("x"), MONTH)
+            .unwrap();
+        assert!(reader.ensure_durable(e.generation()).is_err());
+        assert!(reader.destroy(&[e.key_id], DestroyReason::Erasure).is_err());
+        drop(k);
+        Keyring::open(dir.path(), master).unwrap();
     }
 
     #[test]
