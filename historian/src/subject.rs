@@ -272,11 +272,15 @@ fn bad_request(message: String) -> Response {
         .into_response()
 }
 
-fn parse(body: &[u8]) -> Result<SubjectRequest, String> {
-    let req: SubjectRequest =
-        serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+/// A subject request from a loopback client with a well-formed body, or the answer.
+fn accept(peer: &SocketAddr, body: &[u8]) -> Result<SubjectRequest, Box<Response>> {
+    if let Some(r) = refuse_remote(peer) {
+        return Err(Box::new(r));
+    }
+    let req: SubjectRequest = serde_json::from_slice(body)
+        .map_err(|e| Box::new(bad_request(format!("invalid JSON body: {e}"))))?;
     if req.subject.is_empty() {
-        return Err("subject must not be empty".into());
+        return Err(Box::new(bad_request("subject must not be empty".into())));
     }
     Ok(req)
 }
@@ -295,12 +299,9 @@ pub async fn export_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = refuse_remote(&peer) {
-        return r;
-    }
-    let req = match parse(&body) {
+    let req = match accept(&peer, &body) {
         Ok(r) => r,
-        Err(message) => return bad_request(message),
+        Err(answer) => return *answer,
     };
     let rows = match export(&s.ingester, &s.query, &req.subject).await {
         Ok(r) => r,
@@ -324,12 +325,9 @@ pub async fn erase_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = refuse_remote(&peer) {
-        return r;
-    }
-    let req = match parse(&body) {
+    let req = match accept(&peer, &body) {
         Ok(r) => r,
-        Err(message) => return bad_request(message),
+        Err(answer) => return *answer,
     };
     match s.ingester.erase_subject(&req.subject).await {
         Ok(receipt) => axum::Json(json!({"receipt": receipt})).into_response(),

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -169,64 +169,6 @@ fn generate(start_ns: i64) -> (Vec<Vec<u8>>, Vec<Event>) {
     (bodies, events)
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// Every personal value found anywhere in the data directory (WAL, lake, keyring, log),
-/// as raw bytes, and in every decoded string or binary cell of every Parquet file.
-fn plaintext_found(data_dir: &Path, secrets: &BTreeSet<String>) -> Vec<String> {
-    let mut found = Vec::new();
-    for path in files_under(data_dir) {
-        // Files come and go while the server runs (flushes, compaction, retired segments).
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
-        };
-        for s in secrets {
-            if bytes.windows(s.len()).any(|w| w == s.as_bytes()) {
-                found.push(format!("{} in {}", s, path.display()));
-            }
-        }
-        if path.extension().is_some_and(|e| e == "parquet") {
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                bytes::Bytes::from(bytes),
-            )
-            .and_then(|b| b.build())
-            .expect("a Parquet file of the lake");
-            for batch in reader.map(Result::unwrap) {
-                for column in batch.columns() {
-                    let Ok(text) = arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
-                    else {
-                        continue;
-                    };
-                    let text = text
-                        .as_any()
-                        .downcast_ref::<arrow::array::StringArray>()
-                        .unwrap();
-                    for v in text.iter().flatten() {
-                        if secrets.contains(v) {
-                            found.push(format!("{v} decoded from {}", path.display()));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    found
-}
-
 async fn export(server: &Server, subject: &str) -> Vec<Value> {
     let (status, body) = post(
         &reqwest::Client::new(),
@@ -335,12 +277,12 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
     // A plain value of the allow-list is stored in clear, so the scan below can see values.
     let job = events.iter().find_map(|e| e.job_id.clone()).unwrap();
     server.restart_graceful();
-    let wal_and_lake = plaintext_found(&data, &BTreeSet::from([job.clone()]));
+    let wal_and_lake = common::values_found(&data, &BTreeSet::from([job.clone()]));
     assert!(
         !wal_and_lake.is_empty(),
         "the scan finds clear values: {job}"
     );
-    let leaks = plaintext_found(&data, &secrets);
+    let leaks = common::values_found(&data, &secrets);
     assert!(
         leaks.is_empty(),
         "plaintext personal data at rest: {leaks:#?}"
@@ -499,7 +441,7 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
     let mut scan_for: BTreeSet<String> = pseudonyms.clone();
     scan_for.insert(operator.clone());
     loop {
-        let left = plaintext_found(&data, &scan_for);
+        let left = common::values_found(&data, &scan_for);
         if left.is_empty() {
             break;
         }
@@ -513,7 +455,7 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
     server.restart_with_env(&[]);
     assert!(export(&server, &operator).await.is_empty());
     assert_eq!(rows(&server, "plant", &sql).await[0]["n"], json!(0));
-    let leaks = plaintext_found(&data, &secrets);
+    let leaks = common::values_found(&data, &secrets);
     assert!(
         leaks.is_empty(),
         "plaintext personal data at rest: {leaks:#?}"

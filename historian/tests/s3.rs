@@ -742,47 +742,6 @@ fn an_upload_interrupted_by_a_crash_leaves_no_orphan_and_loses_nothing() {
     );
 }
 
-/// Every file under `dir`, raw, plus every string or binary cell of every Parquet file.
-fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>, Vec<String>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            let bytes = std::fs::read(&p).unwrap();
-            let mut cells = Vec::new();
-            if p.extension().is_some_and(|e| e == "parquet") {
-                for batch in common::read_parquet(&p) {
-                    for c in batch.columns() {
-                        if let Ok(text) = arrow::compute::cast(c, &DataType::Utf8) {
-                            cells.extend(
-                                text.as_string::<i32>().iter().flatten().map(str::to_string),
-                            );
-                        }
-                    }
-                }
-            }
-            out.push((p, bytes, cells));
-        }
-    }
-    out
-}
-
-fn found_in(objects: &[(PathBuf, Vec<u8>, Vec<String>)], value: &str) -> Vec<String> {
-    objects
-        .iter()
-        .filter(|(_, bytes, cells)| {
-            bytes.windows(value.len()).any(|w| w == value.as_bytes())
-                || cells.iter().any(|c| c.contains(value))
-        })
-        .map(|(p, _, _)| p.display().to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn personal_data_on_s3_is_ciphertext_and_erasure_rewrites_the_objects() {
     let dir = tempfile::tempdir().unwrap();
@@ -847,18 +806,12 @@ operator_id = ["operator_name", "badge_id"]
     ];
     let dest = dir.path().join("objects");
     assert!(moto.download(bucket, "plant/", &dest) > 0);
-    let objects = contents(&dest);
     assert!(
-        !found_in(&objects, "JOB-CLEAR-7").is_empty(),
+        !common::values_found(&dest, ["JOB-CLEAR-7"]).is_empty(),
         "clear columns are visible to the scan"
     );
-    for s in secrets {
-        assert!(
-            found_in(&objects, s).is_empty(),
-            "{s} in clear on S3: {:?}",
-            found_in(&objects, s)
-        );
-    }
+    let leaks = common::values_found(&dest, secrets);
+    assert!(leaks.is_empty(), "personal data in clear on S3: {leaks:?}");
 
     // The pseudonyms of ALPHA (masked rows at ALPHA's times).
     let masked = common::rows(&server, DB, "SELECT time, operator_id FROM mes_event").await;
@@ -903,11 +856,7 @@ operator_id = ["operator_name", "badge_id"]
     loop {
         let _ = std::fs::remove_dir_all(&dest);
         moto.download(bucket, "plant/", &dest);
-        let objects = contents(&dest);
-        let left: Vec<String> = pseudonyms
-            .iter()
-            .flat_map(|p| found_in(&objects, p))
-            .collect();
+        let left = common::values_found(&dest, &pseudonyms);
         if left.is_empty() {
             break;
         }

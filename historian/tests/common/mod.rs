@@ -284,3 +284,69 @@ pub async fn rows(server: &Server, db: &str, sql: &str) -> Vec<serde_json::Value
         .unwrap()
         .clone()
 }
+
+/// Every file below `dir`.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Where any of `values` occurs below `dir`: in the raw bytes of any file (WAL, lake,
+/// keyring, log), or in any decoded string or binary cell of a Parquet file (compression
+/// would hide it from the raw scan). One "value in place" line per finding.
+pub fn values_found<S: AsRef<str>>(
+    dir: &Path,
+    values: impl IntoIterator<Item = S> + Clone,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    for path in files_under(dir) {
+        // Files come and go while a server runs (flushes, compaction, retired segments).
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let mut cells: Vec<String> = Vec::new();
+        if path.extension().is_some_and(|e| e == "parquet") {
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                bytes::Bytes::from(bytes.clone()),
+            )
+            .and_then(|b| b.build())
+            .expect("a Parquet file of the lake");
+            for batch in reader.map(Result::unwrap) {
+                for column in batch.columns() {
+                    if let Ok(text) =
+                        arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
+                    {
+                        let text = text
+                            .as_any()
+                            .downcast_ref::<arrow::array::StringArray>()
+                            .unwrap();
+                        cells.extend(text.iter().flatten().map(str::to_string));
+                    }
+                }
+            }
+        }
+        for v in values.clone() {
+            let v = v.as_ref();
+            if bytes.windows(v.len()).any(|w| w == v.as_bytes()) {
+                found.push(format!("{v} in {}", path.display()));
+            } else if cells.iter().any(|c| c.contains(v)) {
+                found.push(format!("{v} decoded from {}", path.display()));
+            }
+        }
+    }
+    found
+}
