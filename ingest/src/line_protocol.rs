@@ -98,7 +98,7 @@ pub enum FieldValue<'a> {
     /// A boolean: t, T, true, True, TRUE, f, F, false, False or FALSE.
     Boolean(bool),
     /// A personal value's ciphertext cell: made by the privacy step, never by the parser.
-    Encrypted(Vec<u8>),
+    Encrypted(Cow<'a, [u8]>),
 }
 
 /// One parsed line. Borrowed from the request body unless escapes had to be removed.
@@ -1764,7 +1764,7 @@ mod tests {
             FieldValue::Integer(v) => Ok(FieldValue::Integer(v)),
             FieldValue::UInteger(v) => Ok(FieldValue::UInteger(v)),
             FieldValue::Boolean(v) => Ok(FieldValue::Boolean(v)),
-            FieldValue::Encrypted(v) => Ok(FieldValue::Encrypted(v)),
+            FieldValue::Encrypted(v) => Ok(FieldValue::Encrypted(Cow::Owned(v.into_owned()))),
         }
     }
 }

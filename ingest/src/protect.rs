@@ -17,7 +17,8 @@ use std::collections::{BTreeSet, HashMap};
 use ahash::AHashMap;
 use std::sync::Arc;
 
-use privacy::{Entry, Keyring, associated_data, encrypt_values};
+use privacy::{Entry, Keyring, associated_data, encrypt_values_into};
+use smallvec::SmallVec;
 use store::{CIPHER_SUFFIX, TableOptions, UnknownColumns, cipher_column};
 
 use crate::line_protocol::{FieldValue, ParsedLine};
@@ -27,6 +28,8 @@ use crate::line_protocol::{FieldValue, ParsedLine};
 pub struct ProtectScratch {
     scopes: HashMap<String, ScopeCache>,
     aad: Vec<u8>,
+    /// The cells of the current line (reused: no allocation per row).
+    cells: Vec<u8>,
     /// Names of columns dropped from the request.
     pub dropped: BTreeSet<String>,
     /// Highest keyring generation used: durable before the write is acknowledged.
@@ -91,6 +94,9 @@ impl ScopeCache {
     }
 }
 
+/// A personal column of a line: its name, the index of its subject, its value as text.
+type PersonalValue<'a> = (Cow<'a, str>, usize, Cow<'a, str>);
+
 /// Why a line was refused: a reason and the column, never a value.
 pub type Refusal = (String, Option<String>);
 
@@ -115,65 +121,80 @@ fn text_of<'a>(value: FieldValue<'a>) -> Cow<'a, str> {
     }
 }
 
-/// Applies a table's privacy profile to one line whose time is `time`.
-pub fn protect_line<'a>(
+/// Applies a table's privacy profile to one line whose time is `time`. The line it returns
+/// borrows names, pseudonyms and cells from `scratch` (no allocation per row): drop it
+/// before protecting the next line.
+pub fn protect_line<'a: 's, 's>(
     mut line: ParsedLine<'a>,
     time: i64,
     scope: &str,
     opts: &TableOptions,
     keyring: Option<&Keyring>,
-    scratch: &mut ProtectScratch,
-) -> Result<ParsedLine<'a>, Refusal> {
-    if !scratch.scopes.contains_key(scope) {
-        scratch
-            .scopes
-            .insert(scope.to_string(), ScopeCache::new(opts));
+    scratch: &'s mut ProtectScratch,
+) -> Result<ParsedLine<'s>, Refusal> {
+    let ProtectScratch {
+        scopes,
+        aad,
+        cells,
+        dropped,
+        generation,
+    } = scratch;
+    if !scopes.contains_key(scope) {
+        scopes.insert(scope.to_string(), ScopeCache::new(opts));
     }
-    let cache = scratch.scopes.get_mut(scope).expect("inserted above");
-    // Sort every column into its role, moving values rather than copying them.
-    let mut subjects: Vec<(usize, Cow<'a, str>)> = Vec::new();
-    let mut personal: Vec<(Cow<'a, str>, usize, Cow<'a, str>)> = Vec::new();
-    let mut keep_tags = Vec::with_capacity(line.tags.len() + opts.subjects.len());
-    let mut keep_fields = Vec::with_capacity(line.fields.len() + opts.subjects.len());
-    let tags = std::mem::take(&mut line.tags)
-        .into_iter()
-        .map(|(k, v)| (k, Ok(v)));
-    let fields = std::mem::take(&mut line.fields)
-        .into_iter()
-        .map(|(k, v)| (k, Err(v)));
-    for (position, (name, value)) in tags.chain(fields).enumerate() {
+    let cache = scopes.get_mut(scope).expect("inserted above");
+    // Sort every column into its role; subject and personal values leave the line.
+    let mut subjects: SmallVec<[(usize, Cow<'a, str>); 2]> = SmallVec::new();
+    let mut personal: SmallVec<[PersonalValue<'a>; 4]> = SmallVec::new();
+    let mut position = 0;
+    let mut at = 0;
+    while at < line.tags.len() + line.fields.len() {
+        let is_tag = at < line.tags.len();
+        let name: &str = if is_tag {
+            &line.tags[at].0
+        } else {
+            &line.fields[at - line.tags.len()].0
+        };
         if name.ends_with(CIPHER_SUFFIX) {
             return Err((
                 format!("column names ending in {CIPHER_SUFFIX:?} are reserved"),
-                Some(name.into_owned()),
+                Some(name.to_string()),
             ));
         }
-        let as_text = |v: Result<Cow<'a, str>, FieldValue<'a>>| match v {
-            Ok(t) => t,
-            Err(f) => text_of(f),
+        let role = cache.role(opts, position, name);
+        position += 1;
+        let leave = |line: &mut ParsedLine<'a>| -> (Cow<'a, str>, Cow<'a, str>) {
+            if is_tag {
+                line.tags.remove(at)
+            } else {
+                let (k, v) = line.fields.remove(at - line.tags.len());
+                (k, text_of(v))
+            }
         };
-        match cache.role(opts, position, &name) {
-            Role::Keep => match value {
-                Ok(v) => keep_tags.push((name, v)),
-                Err(v) => keep_fields.push((name, v)),
-            },
+        match role {
+            Role::Keep => at += 1,
+            Role::Subject(i) => subjects.push((i, leave(&mut line).1)),
+            Role::Personal(i) => {
+                let (k, v) = leave(&mut line);
+                personal.push((k, i, v));
+            }
             Role::Drop => {
-                if !scratch.dropped.contains(name.as_ref()) {
-                    scratch.dropped.insert(name.into_owned());
+                let (k, _) = leave(&mut line);
+                if !dropped.contains(k.as_ref()) {
+                    dropped.insert(k.into_owned());
                 }
             }
-            Role::Subject(i) => subjects.push((i, as_text(value))),
-            Role::Personal(i) => personal.push((name, i, as_text(value))),
             Role::Unknown if opts.unknown_columns == UnknownColumns::Drop => {
-                if !scratch.dropped.contains(name.as_ref()) {
-                    scratch.dropped.insert(name.into_owned());
+                let (k, _) = leave(&mut line);
+                if !dropped.contains(k.as_ref()) {
+                    dropped.insert(k.into_owned());
                 }
             }
             Role::Unknown => {
                 return Err((
                     "column is not in the table's privacy profile (allowed, subject, personal or dropped)"
                         .to_string(),
-                    Some(name.into_owned()),
+                    Some(name.to_string()),
                 ));
             }
         }
@@ -190,8 +211,6 @@ pub fn protect_line<'a>(
             Some(column.to_string()),
         ));
     }
-    line.tags = keep_tags;
-    line.fields = keep_fields;
     if subjects.is_empty() {
         return Ok(line);
     }
@@ -203,47 +222,54 @@ pub fn protect_line<'a>(
     };
     let period = opts.key_period.period_of(time);
     let entries = cache.entries.entry(period.0).or_default();
-    let mut keys = Vec::with_capacity(subjects.len());
+    for (_, value) in &subjects {
+        if !entries.contains_key(value.as_ref()) {
+            let hash = keyring.subject_hash(value);
+            let e = keyring.entry_for(scope, &hash, period).map_err(|e| {
+                tracing::error!(error = %e, "keyring failed");
+                ("the keyring failed; see the server log".to_string(), None)
+            })?;
+            entries.insert(value.to_string(), e);
+        }
+    }
+    // From here on the cache is only read: the line borrows names and pseudonyms from it.
+    let cache: &'s ScopeCache = cache;
+    let entries = &cache.entries[&period.0];
+    let mut line: ParsedLine<'s> = line;
+    let mut keys: SmallVec<[&'s Entry; 2]> = SmallVec::new();
     for (i, value) in &subjects {
-        let entry = match entries.get(value.as_ref()) {
-            Some(e) => e.clone(),
-            None => {
-                let hash = keyring.subject_hash(value);
-                let e = keyring.entry_for(scope, &hash, period).map_err(|e| {
-                    tracing::error!(error = %e, "keyring failed");
-                    ("the keyring failed; see the server log".to_string(), None)
-                })?;
-                entries.insert(value.to_string(), e.clone());
-                e
-            }
-        };
-        scratch.generation = scratch.generation.max(entry.generation());
+        let entry: &'s Entry = &entries[value.as_ref()];
+        *generation = (*generation).max(entry.generation());
         line.tags.push((
-            Cow::Owned(cache.subjects[*i].0.clone()),
-            Cow::Owned(entry.pseudonym.clone()),
+            Cow::Borrowed(cache.subjects[*i].0.as_str()),
+            Cow::Borrowed(entry.pseudonym.as_str()),
         ));
         keys.push(entry);
     }
     // The series as stored: every tag, sorted by name.
     line.tags.sort_by(|a, b| a.0.cmp(&b.0));
     // One cell per subject: the subject value and that person's personal values.
-    let mut cells = Vec::with_capacity(subjects.len());
+    cells.clear();
+    let mut ranges: SmallVec<[std::ops::Range<usize>; 2]> = SmallVec::new();
     for ((i, value), entry) in subjects.iter().zip(&keys) {
         let (name, column) = &cache.subjects[*i];
         let series = line.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
-        associated_data(&mut scratch.aad, scope, column, series, time);
+        associated_data(aad, scope, column, series, time);
         let values = std::iter::once((name.as_str(), value.as_ref())).chain(
             personal
                 .iter()
                 .filter(|(_, s, _)| s == i)
                 .map(|(p, _, v)| (p.as_ref(), v.as_ref())),
         );
-        cells.push((
-            Cow::Owned(column.clone()),
-            FieldValue::Encrypted(encrypt_values(entry, &scratch.aad, values)),
+        ranges.push(encrypt_values_into(cells, entry, aad, values));
+    }
+    let cells: &'s Vec<u8> = cells;
+    for ((i, _), range) in subjects.iter().zip(ranges) {
+        line.fields.push((
+            Cow::Borrowed(cache.subjects[*i].1.as_str()),
+            FieldValue::Encrypted(Cow::Borrowed(&cells[range])),
         ));
     }
-    line.fields.extend(cells);
     Ok(line)
 }
 
@@ -262,38 +288,45 @@ mod tests {
         .unwrap()
     }
 
-    fn protect(
-        body: &str,
-        k: &Keyring,
-        s: &mut ProtectScratch,
-    ) -> Result<ParsedLine<'static>, Refusal> {
-        let line = parse_lines(body.as_bytes()).next().unwrap().unwrap();
-        let line: ParsedLine<'static> = ParsedLine {
+    /// A line with everything owned, so that it outlives the scratch it borrowed from.
+    fn owned(line: ParsedLine<'_>) -> ParsedLine<'static> {
+        let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        ParsedLine {
             line_number: line.line_number,
-            measurement: Cow::Owned(line.measurement.into_owned()),
+            measurement: own(line.measurement),
             tags: line
                 .tags
                 .into_iter()
-                .map(|(a, b)| (Cow::Owned(a.into_owned()), Cow::Owned(b.into_owned())))
+                .map(|(a, b)| (own(a), own(b)))
                 .collect(),
             fields: line
                 .fields
                 .into_iter()
                 .map(|(a, b)| {
                     let b = match b {
-                        FieldValue::String(s) => FieldValue::String(Cow::Owned(s.into_owned())),
+                        FieldValue::String(s) => FieldValue::String(own(s)),
                         FieldValue::Float(v) => FieldValue::Float(v),
                         FieldValue::Integer(v) => FieldValue::Integer(v),
                         FieldValue::UInteger(v) => FieldValue::UInteger(v),
                         FieldValue::Boolean(v) => FieldValue::Boolean(v),
-                        FieldValue::Encrypted(v) => FieldValue::Encrypted(v),
+                        FieldValue::Encrypted(v) => {
+                            FieldValue::Encrypted(Cow::Owned(v.into_owned()))
+                        }
                     };
-                    (Cow::Owned(a.into_owned()), b)
+                    (own(a), b)
                 })
                 .collect(),
             timestamp: line.timestamp,
-        };
-        protect_line(line, 1_000, "db/mes", &profile(), Some(k), s)
+        }
+    }
+
+    fn protect(
+        body: &str,
+        k: &Keyring,
+        s: &mut ProtectScratch,
+    ) -> Result<ParsedLine<'static>, Refusal> {
+        let line = owned(parse_lines(body.as_bytes()).next().unwrap().unwrap());
+        protect_line(line, 1_000, "db/mes", &profile(), Some(k), s).map(owned)
     }
 
     #[test]
@@ -346,8 +379,10 @@ mod tests {
         let mut s = ProtectScratch::default();
         let body = r#"mes,line=L1 operator_id="E7""#;
         let line = parse_lines(body.as_bytes()).next().unwrap().unwrap();
-        let a = protect_line(line.clone(), 1_000, "db/mes", &profile(), Some(&k), &mut s).unwrap();
-        let b = protect_line(line, 1_000, "db/other", &profile(), Some(&k), &mut s).unwrap();
+        let a = owned(
+            protect_line(line.clone(), 1_000, "db/mes", &profile(), Some(&k), &mut s).unwrap(),
+        );
+        let b = owned(protect_line(line, 1_000, "db/other", &profile(), Some(&k), &mut s).unwrap());
         assert_ne!(a.tags, b.tags);
         assert_eq!(k.subject_entries(&k.subject_hash("E7")).len(), 2);
     }

@@ -91,6 +91,38 @@ pub fn encrypt_values<'v>(
     })
 }
 
+/// Like [`encrypt_values`], appending the cell to `out`; returns where it lies there.
+pub fn encrypt_values_into<'v>(
+    out: &mut Vec<u8>,
+    entry: &Entry,
+    aad: &[u8],
+    values: impl IntoIterator<Item = (&'v str, &'v str)>,
+) -> std::ops::Range<usize> {
+    let start = out.len();
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
+    out.push(VERSION);
+    out.extend_from_slice(&entry.key_id.to_le_bytes());
+    out.extend_from_slice(&nonce);
+    for (name, value) in values {
+        let name = &name.as_bytes()[..name.len().min(255)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    let tag = entry
+        .cipher()
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[start + HEADER_LEN..],
+        )
+        .expect("a cell is far below the AES-GCM size limit");
+    out.extend_from_slice(tag.as_ref());
+    start..out.len()
+}
+
 /// The value named `name` in the plaintext of a cell made by [`encrypt_values`].
 pub fn value_of<'p>(plaintext: &'p [u8], name: &str) -> Option<&'p str> {
     let mut at = 0;
