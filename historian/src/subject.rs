@@ -242,8 +242,8 @@ pub async fn inventory(ingester: &Ingester, engine: &QueryEngine) -> Value {
             "oldest_personal_data": oldest,
             "newest_personal_data": newest,
             "retention": {
-                "ttl": t.options.ttl.map(|d| humantime::format_duration(d).to_string()),
-                "personal_ttl": t.options.personal_ttl.map(|d| humantime::format_duration(d).to_string()),
+                "ttl": t.options.ttl.map(duration_text),
+                "personal_ttl": t.options.personal_ttl.map(duration_text),
                 "key_period": t.options.key_period,
             },
         }));
@@ -252,6 +252,15 @@ pub async fn inventory(ingester: &Ingester, engine: &QueryEngine) -> Value {
         "tables": tables,
         "keys_destroyed": status.map(|s| s.destroyed).unwrap_or_default(),
     })
+}
+
+/// A retention as configured: whole days as `90d`, anything else in humantime form.
+fn duration_text(d: std::time::Duration) -> String {
+    if d.as_secs().is_multiple_of(86_400) && d.subsec_nanos() == 0 {
+        format!("{}d", d.as_secs() / 86_400)
+    } else {
+        humantime::format_duration(d).to_string()
+    }
 }
 
 fn refuse_remote(peer: &SocketAddr) -> Option<Response> {

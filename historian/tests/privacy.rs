@@ -521,6 +521,38 @@ async fn personal_ttl_hides_cells_at_once_and_destroys_expired_keys() {
     names.sort_by_key(|v| v.to_string());
     // Just past personal_ttl: its key lives, but the cell is hidden at once.
     assert_eq!(names, vec![json!("Tess Tull"), Value::Null], "{exported:?}");
+
+    // The inventory for the records of processing, through the CLI.
+    let out = Command::new(env!("CARGO_BIN_EXE_historian"))
+        .args(["subject", "inventory", "--url", &server.url("")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inventory: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mes = inventory["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "mes_event")
+        .unwrap()
+        .clone();
+    assert_eq!(mes["retention"]["personal_ttl"], json!("30d"), "{mes}");
+    assert_eq!(mes["retention"]["ttl"], json!("3650d"));
+    assert_eq!(mes["subjects_with_live_keys"], json!(1));
+    assert_eq!(
+        mes["subjects"]["operator_id"],
+        json!(["operator_name", "badge_id"])
+    );
+    assert!(
+        mes["oldest_personal_data"].as_str().unwrap()
+            < mes["newest_personal_data"].as_str().unwrap()
+    );
+    assert_eq!(inventory["keys_destroyed"]["personal_ttl"], json!(1));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("E-TTL"));
     server.stop();
 }
 
