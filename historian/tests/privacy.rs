@@ -572,6 +572,13 @@ async fn keyring_backup_restore_rotation_and_master_key_checks() {
         now + 1
     );
     write_all(&server, &[body.into_bytes()]).await;
+    // Acknowledged = the row in the WAL and its key in the keyring: a crash right after
+    // the answer loses neither.
+    server.kill9();
+    server.restart_with_env(&[]);
+    let bob = export(&server, "E-B").await;
+    assert_eq!(bob.len(), 1);
+    assert_eq!(bob[0]["operator_name"], json!("Bob B"));
     let backup = dir.path().join("keyring.backup");
     let out = historian(
         &[
