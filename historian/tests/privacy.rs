@@ -30,11 +30,11 @@ fn profile_config(extra: &str) -> String {
 [persist]
 flush_age = "1s"
 interval = "200ms"
-deletion_grace = "1s"
+deletion_grace = "4s"
 closed_after = "1h"
 
 [query]
-timeout = "500ms"
+timeout = "3s"
 
 [privacy]
 key_expiry_interval = "1s"

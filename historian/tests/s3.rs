@@ -102,6 +102,13 @@ impl Moto {
         out.trim().parse().unwrap()
     }
 
+    /// Like [`Moto::download`] while the server may delete objects: those gone between the
+    /// listing and the download are skipped.
+    fn download_present(&self, bucket: &str, prefix: &str, dest: &Path) -> usize {
+        let out = self.s3(&["download_present", bucket, prefix, dest.to_str().unwrap()]);
+        out.trim().parse().unwrap()
+    }
+
     /// Keys of multipart uploads begun and neither completed nor aborted.
     fn pending_uploads(&self, bucket: &str) -> Vec<String> {
         let out = self.s3(&["uploads", bucket]);
@@ -147,6 +154,21 @@ elif cmd == "download":
         os.makedirs(os.path.dirname(path), exist_ok=True)
         s3.download_file(bucket, o["Key"], path)
         n += 1
+    print(n)
+elif cmd == "download_present":
+    # Like download, for a lake being changed: an object deleted after the listing is skipped.
+    from botocore.exceptions import ClientError
+    prefix, dest = args
+    n = 0
+    for o in objects(prefix):
+        path = os.path.join(dest, o["Key"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            s3.download_file(bucket, o["Key"], path)
+            n += 1
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                raise
     print(n)
 elif cmd == "get":
     sys.stdout.write(s3.get_object(Bucket=bucket, Key=args[0])["Body"].read().decode())
@@ -752,10 +774,10 @@ async fn personal_data_on_s3_is_ciphertext_and_erasure_rewrites_the_objects() {
     std::fs::create_dir_all(&data).unwrap();
     let profile = r#"flush_age = "1s"
 interval = "200ms"
-deletion_grace = "1s"
+deletion_grace = "4s"
 
 [query]
-timeout = "500ms"
+timeout = "3s"
 
 [tables.mes_event]
 columns = ["line", "event", "job_id"]
@@ -855,7 +877,7 @@ operator_id = ["operator_name", "badge_id"]
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let _ = std::fs::remove_dir_all(&dest);
-        moto.download(bucket, "plant/", &dest);
+        moto.download_present(bucket, "plant/", &dest);
         let left = common::values_found(&dest, &pseudonyms);
         if left.is_empty() {
             break;
