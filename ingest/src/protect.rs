@@ -405,4 +405,80 @@ mod tests {
         assert_eq!(line.fields.len(), 1);
         assert_eq!(k.status().keys, 0);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// Whatever columns a line brings, a refusal names columns only and a protected
+        /// line holds no personal value in clear: every value is marked, so a leak shows.
+        #[test]
+        fn values_never_leak(
+            columns in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "line", "event", "job_id", "photo", "operator_id", "operator_name",
+                        "supervisor_id", "ssn", "x__enc",
+                    ]),
+                    "[a-z]{1,8}",
+                    proptest::bool::ANY,
+                ),
+                1..8,
+            )
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let k = Keyring::init(dir.path(), MasterKey::generate().unwrap()).unwrap();
+            let mut s = ProtectScratch::default();
+            let mut seen = std::collections::HashSet::new();
+            let mut tags = Vec::new();
+            let mut fields = Vec::new();
+            for (name, value, as_tag) in columns {
+                if !seen.insert(name) {
+                    continue;
+                }
+                let value = format!("SECRET{value}");
+                if as_tag {
+                    tags.push(format!("{name}={value}"));
+                } else {
+                    fields.push(format!("{name}=\"{value}\""));
+                }
+            }
+            if fields.is_empty() {
+                fields.push("n=1i".to_string());
+            }
+            let mut body = String::from("mes");
+            for t in &tags {
+                body.push(',');
+                body.push_str(t);
+            }
+            body.push(' ');
+            body.push_str(&fields.join(","));
+            match protect(&body, &k, &mut s) {
+                Err((reason, column)) => {
+                    proptest::prop_assert!(!reason.contains("SECRET"), "{}", reason);
+                    proptest::prop_assert!(!column.unwrap_or_default().contains("SECRET"));
+                }
+                Ok(line) => {
+                    let personal = ["operator_id", "operator_name", "supervisor_id"];
+                    for (name, value) in &line.tags {
+                        proptest::prop_assert!(
+                            !(personal.contains(&name.as_ref()) && value.contains("SECRET")),
+                            "{} in clear", name
+                        );
+                    }
+                    for (name, value) in &line.fields {
+                        let leaked = match value {
+                            FieldValue::String(v) => v.contains("SECRET"),
+                            FieldValue::Encrypted(cell) => cell.windows(6).any(|w| w == b"SECRET"),
+                            _ => false,
+                        };
+                        proptest::prop_assert!(
+                            !(leaked && (personal.contains(&name.as_ref()) || name.ends_with("__enc"))),
+                            "{} in clear", name
+                        );
+                        proptest::prop_assert!(name != "photo", "dropped columns vanish");
+                    }
+                }
+            }
+        }
+    }
 }
