@@ -266,14 +266,20 @@ fn project(
         .iter()
         .map(|i| {
             let name = stored.field(*i).name().clone();
-            let at = from.iter().position(|f| f == i).unwrap_or_default();
-            (
+            // Every branch of a scan reads a superset of what it yields; a column missing
+            // here is a planning bug, reported rather than read from the wrong place.
+            let at = from.iter().position(|f| f == i).ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(format!(
+                    "column {name} is not among the scanned columns"
+                ))
+            })?;
+            Ok((
                 Arc::new(Column::new(&name, at))
                     as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
                 name,
-            )
+            ))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     Ok(Arc::new(ProjectionExec::try_new(exprs, input)?))
 }
 
