@@ -83,6 +83,8 @@ impl ScopeCache {
         let role = match self.roles.get(column) {
             Some(r) => *r,
             None if opts.columns.is_none() => Role::Keep,
+            // With `unknown_columns = "drop"` an unknown column is a dropped one.
+            None if opts.unknown_columns == UnknownColumns::Drop => Role::Drop,
             None => Role::Unknown,
         };
         if position < self.last_shape.len() {
@@ -100,7 +102,8 @@ type PersonalValue<'a> = (Cow<'a, str>, usize, Cow<'a, str>);
 /// Why a line was refused: a reason and the column, never a value.
 pub type Refusal = (String, Option<String>);
 
-/// What the profile makes of a column; subjects by their index in the profile.
+/// What the profile makes of a column; subjects by their index in the profile. `Unknown`
+/// is a column the profile does not name, under `unknown_columns = "reject"`.
 #[derive(Clone, Copy)]
 enum Role {
     Keep,
@@ -179,12 +182,6 @@ pub fn protect_line<'a: 's, 's>(
                 personal.push((k, i, v));
             }
             Role::Drop => {
-                let (k, _) = leave(&mut line);
-                if !dropped.contains(k.as_ref()) {
-                    dropped.insert(k.into_owned());
-                }
-            }
-            Role::Unknown if opts.unknown_columns == UnknownColumns::Drop => {
                 let (k, _) = leave(&mut line);
                 if !dropped.contains(k.as_ref()) {
                     dropped.insert(k.into_owned());
@@ -400,6 +397,17 @@ mod tests {
         assert!(err.0.contains("operator_id") && !err.0.contains("Anna"));
         let err = protect(r#"mes x__enc="a""#, &k, &mut s).unwrap_err();
         assert_eq!(err.1.as_deref(), Some("x__enc"));
+        // With unknown_columns = "drop" the same column is dropped and reported instead.
+        let mut lenient = profile();
+        lenient.unknown_columns = UnknownColumns::Drop;
+        let mut d = ProtectScratch::default();
+        let line = parse_lines(br#"mes,line=L1 ssn="123-45",job_id="J""#)
+            .next()
+            .unwrap()
+            .unwrap();
+        let kept = owned(protect_line(line, 1_000, "db/mes", &lenient, Some(&k), &mut d).unwrap());
+        assert_eq!(kept.fields.len(), 1);
+        assert_eq!(d.dropped, BTreeSet::from(["ssn".to_string()]));
         // A line without subjects passes through without keys.
         let line = protect("mes,line=L1 job_id=\"J1\"", &k, &mut s).unwrap();
         assert_eq!(line.fields.len(), 1);
