@@ -44,12 +44,13 @@ pub enum PersonalAccess {
     Clear,
 }
 
-/// How one column of the view is made from the stored columns.
+/// How one column of the view is made from the stored columns. Indices are into the
+/// table's stored columns in [`PersonalTable`], into the scan's input in a [`Decryptor`].
 #[derive(Debug, Clone)]
 enum ViewColumn {
-    /// As stored (inner index).
+    /// As stored.
     Plain(usize),
-    /// The value named `value` in the subject cell at this inner index, stored under
+    /// The value named `value` in the subject cell at this index, stored under
     /// `cell_name`.
     Decrypted {
         cell: usize,
@@ -237,27 +238,27 @@ impl TableProvider for PersonalTable {
         inner.sort_unstable();
         inner.dedup();
         let at = |i: usize| inner.iter().position(|x| *x == i).expect("projected");
-        let outputs: Vec<Output> = wanted
+        let outputs: Vec<ViewColumn> = wanted
             .iter()
             .map(|&v| match &self.columns[v] {
-                ViewColumn::Plain(i) => Output::Plain(at(*i)),
+                ViewColumn::Plain(i) => ViewColumn::Plain(at(*i)),
                 ViewColumn::Decrypted {
                     cell,
                     cell_name,
                     value,
-                } => Output::Decrypted {
+                } => ViewColumn::Decrypted {
                     cell: at(*cell),
                     cell_name: cell_name.clone(),
                     value: value.clone(),
                 },
-                ViewColumn::Masked => Output::Masked,
+                ViewColumn::Masked => ViewColumn::Masked,
             })
             .collect();
         let series = self
             .tags
             .iter()
             .filter(|t| inner.contains(t))
-            .map(|t| (self.inner.schema().field(*t).name().clone(), at(*t)))
+            .map(|t| (stored.field(*t).name().clone(), at(*t)))
             .collect();
         let input = match &self.row_filter {
             None => self.inner.scan(state, Some(&inner), filters, limit).await?,
@@ -292,17 +293,6 @@ impl TableProvider for PersonalTable {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Output {
-    Plain(usize),
-    Decrypted {
-        cell: usize,
-        cell_name: String,
-        value: String,
-    },
-    Masked,
-}
-
 /// What the associated data of a batch's cells is made of: the series tags as text (name,
 /// values) and the time column.
 type RowContext = (Vec<(String, StringArray)>, Option<ArrayRef>);
@@ -312,7 +302,8 @@ type RowContext = (Vec<(String, StringArray)>, Option<ArrayRef>);
 struct Decryptor {
     keyring: Option<Arc<Keyring>>,
     scope: String,
-    outputs: Vec<Output>,
+    /// The output columns, indices into the input batch.
+    outputs: Vec<ViewColumn>,
     /// Tag name and input index, sorted by name: the series of the associated data.
     series: Vec<(String, usize)>,
     time: Option<usize>,
@@ -328,9 +319,9 @@ impl Decryptor {
         let mut opened: Vec<(usize, Vec<Option<Vec<u8>>>)> = Vec::new();
         for out in &self.outputs {
             match out {
-                Output::Plain(i) => columns.push(batch.column(*i).clone()),
-                Output::Masked => columns.push(new_null_array(&DataType::Utf8, rows)),
-                Output::Decrypted {
+                ViewColumn::Plain(i) => columns.push(batch.column(*i).clone()),
+                ViewColumn::Masked => columns.push(new_null_array(&DataType::Utf8, rows)),
+                ViewColumn::Decrypted {
                     cell,
                     cell_name,
                     value,
