@@ -196,7 +196,7 @@ pub async fn inventory(ingester: &Ingester, engine: &QueryEngine) -> Value {
         if !t.options.has_profile() || t.column_count() <= 1 {
             continue;
         }
-        let scope = format!("{}/{}", t.db, t.name);
+        let scope = store::key_scope(&t.db, &t.name);
         let keys = status.as_ref().and_then(|s| s.scopes.get(&scope));
         let (mut oldest, mut newest) = (Value::Null, Value::Null);
         let schema = t.schema();

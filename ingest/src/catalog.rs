@@ -348,7 +348,7 @@ impl Catalog {
     ) {
         let horizon = table.options.horizon(now_ns);
         let profiled = table.options.has_profile();
-        let scope = format!("{}/{}", table.db, table.name);
+        let scope = store::key_scope(&table.db, &table.name);
         let granularity = table.options.partition;
         let mut state = table.state.lock();
         let mut builders: Vec<(PartitionKey, BatchBuilder)> = Vec::new();

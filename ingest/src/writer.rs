@@ -404,7 +404,7 @@ impl Ingester {
             if t.options.subjects.is_empty() {
                 continue;
             }
-            let scope = format!("{}/{}", t.db, t.name);
+            let scope = store::key_scope(&t.db, &t.name);
             ids.extend(keyring.expired(&scope, t.options.personal_horizon(now_ns)));
         }
         if ids.is_empty() {

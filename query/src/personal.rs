@@ -93,7 +93,7 @@ impl PersonalTable {
     ) -> Self {
         let snapshot = inner.snapshot();
         let options = &snapshot.options;
-        let scope = format!("{}/{}", snapshot.db, snapshot.table);
+        let scope = store::key_scope(&snapshot.db, &snapshot.table);
         let stored = inner.schema();
         let mut fields = Vec::new();
         let mut columns = Vec::new();

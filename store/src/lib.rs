@@ -18,4 +18,4 @@ pub use manifest::{FileMeta, Manifest, ManifestError, ManifestStore, PendingDele
 pub use partition::{PartitionGranularity, PartitionKey};
 pub use schema::{ColumnDef, ColumnType, SEQ_COLUMN, TIME_COLUMN, TableSchema};
 pub use snapshot::{TableSnapshot, TableSource};
-pub use table::{CIPHER_SUFFIX, KeyPeriod, TableOptions, UnknownColumns, cipher_column};
+pub use table::{CIPHER_SUFFIX, KeyPeriod, TableOptions, UnknownColumns, cipher_column, key_scope};

@@ -41,6 +41,12 @@ pub struct TableOptions {
 /// Suffix of the column that holds a subject value's ciphertext beside its pseudonym.
 pub const CIPHER_SUFFIX: &str = "__enc";
 
+/// The scope of a table's pseudonyms and data keys, also bound into its cells' associated
+/// data: `db/table` (database names cannot contain `/`).
+pub fn key_scope(db: &str, table: &str) -> String {
+    format!("{db}/{table}")
+}
+
 /// The ciphertext column of a subject column.
 pub fn cipher_column(subject: &str) -> String {
     format!("{subject}{CIPHER_SUFFIX}")
