@@ -484,6 +484,24 @@ impl Wal {
         sync: bool,
         guard: Option<PreparingGuard>,
     ) -> Result<u64, WalError> {
+        self.submit(record, sync, false, guard).await
+    }
+
+    /// Closes the current segment and starts a new one, so that every row logged so far
+    /// sits in closed segments that [`Wal::retire`] can delete once persisted (erasure).
+    pub async fn rotate_now(&self) -> Result<(), WalError> {
+        let empty = EncodedRecord::encode("_", Vec::new())?;
+        self.submit(empty, true, true, None).await.map(|_| ())
+    }
+
+    /// Hands a request to the WAL thread and waits for its answer.
+    async fn submit(
+        &self,
+        record: EncodedRecord,
+        sync: bool,
+        rotate: bool,
+        guard: Option<PreparingGuard>,
+    ) -> Result<u64, WalError> {
         let (done, rx) = oneshot::channel();
         {
             let tx = self.tx.lock();
@@ -491,7 +509,7 @@ impl Wal {
             tx.send(WalRequest {
                 record,
                 sync,
-                rotate: false,
+                rotate,
                 done,
             })
             .map_err(|_| WalError::Closed)?;
@@ -499,28 +517,6 @@ impl Wal {
         drop(guard);
         match rx.await {
             Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(msg)) => Err(WalError::Encoding(msg)),
-            Err(_) => Err(WalError::Closed),
-        }
-    }
-
-    /// Closes the current segment and starts a new one, so that every row logged so far
-    /// sits in closed segments that [`Wal::retire`] can delete once persisted (erasure).
-    pub async fn rotate_now(&self) -> Result<(), WalError> {
-        let (done, rx) = oneshot::channel();
-        {
-            let tx = self.tx.lock();
-            let tx = tx.as_ref().ok_or(WalError::Closed)?;
-            tx.send(WalRequest {
-                record: EncodedRecord::encode("_", Vec::new())?,
-                sync: true,
-                rotate: true,
-                done,
-            })
-            .map_err(|_| WalError::Closed)?;
-        }
-        match rx.await {
-            Ok(Ok(_)) => Ok(()),
             Ok(Err(msg)) => Err(WalError::Encoding(msg)),
             Err(_) => Err(WalError::Closed),
         }
