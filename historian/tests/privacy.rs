@@ -67,25 +67,27 @@ fn historian(args: &[&str], data_dir: &Path, env: &[(&str, &str)]) -> std::proce
     cmd.output().expect("run historian")
 }
 
+/// Runs `historian keys <args>` on `data_dir` and its config; asserts success and returns
+/// standard output.
+fn keys(data_dir: &Path, args: &[&str]) -> String {
+    let config = data_dir.join("historian.toml");
+    let mut all = vec!["keys"];
+    all.extend_from_slice(args);
+    all.extend(["--config", config.to_str().unwrap()]);
+    let out = historian(&all, data_dir, &[]);
+    assert!(
+        out.status.success(),
+        "historian {all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Writes the config and creates the keyring, as an operator would before the first start.
 fn init(data_dir: &Path, config: &str) {
     std::fs::create_dir_all(data_dir).unwrap();
     std::fs::write(data_dir.join("historian.toml"), config).unwrap();
-    let out = historian(
-        &[
-            "keys",
-            "init",
-            "--config",
-            data_dir.join("historian.toml").to_str().unwrap(),
-        ],
-        data_dir,
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    keys(data_dir, &["init"]);
 }
 
 /// One MES event as the generator wrote it.
@@ -495,17 +497,7 @@ async fn personal_ttl_hides_cells_at_once_and_destroys_expired_keys() {
     // Once the expiry task ran, the oldest day's key is gone: its pseudonym links to no one.
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        let out = historian(
-            &[
-                "keys",
-                "status",
-                "--config",
-                data.join("historian.toml").to_str().unwrap(),
-            ],
-            &data,
-            &[],
-        );
-        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let status: Value = serde_json::from_str(&keys(&data, &["status"])).unwrap();
         if status["destroyed"]["personal_ttl"].as_u64() == Some(1) {
             break status;
         }
@@ -580,22 +572,7 @@ async fn keyring_backup_restore_rotation_and_master_key_checks() {
     assert_eq!(bob.len(), 1);
     assert_eq!(bob[0]["operator_name"], json!("Bob B"));
     let backup = dir.path().join("keyring.backup");
-    let out = historian(
-        &[
-            "keys",
-            "backup",
-            backup.to_str().unwrap(),
-            "--config",
-            config_arg,
-        ],
-        &data,
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    keys(&data, &["backup", backup.to_str().unwrap()]);
     let (status, _) = post(
         &reqwest::Client::new(),
         &server.url("/api/v3/subjects/erase"),
@@ -606,38 +583,18 @@ async fn keyring_backup_restore_rotation_and_master_key_checks() {
     server.stop();
 
     // Restoring the backup from before the erasure does not bring Ann back.
-    let out = historian(
-        &[
-            "keys",
-            "restore",
-            backup.to_str().unwrap(),
-            "--config",
-            config_arg,
-        ],
-        &data,
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    keys(&data, &["restore", backup.to_str().unwrap()]);
     // Rotation re-seals the keyring; the old key no longer opens it.
     let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
-    let out = historian(&["keys", "rotate", "--config", config_arg], &data, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    keys(&data, &["rotate"]);
     assert_ne!(
         std::fs::read_to_string(data.join("master.key")).unwrap(),
         old_key
     );
-    let out = historian(&["keys", "status", "--config", config_arg], &data, &[]);
-    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let printed = keys(&data, &["status"]);
+    let status: Value = serde_json::from_str(&printed).unwrap();
     assert_eq!(status["destroyed"]["erasure"], json!(1), "{status}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("E-B"));
+    assert!(!printed.contains("E-B"));
 
     server.restart_graceful();
     assert!(export(&server, "E-A").await.is_empty());
