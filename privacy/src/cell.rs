@@ -63,9 +63,11 @@ pub fn associated_data<'a>(
 
 /// Encrypts `plaintext` under the entry's data key with a fresh random nonce.
 pub fn encrypt_cell(entry: &Entry, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    seal_with(entry, aad, plaintext.len(), |buf| {
+    let mut cell = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+    seal_into(&mut cell, entry, aad, |buf| {
         buf.extend_from_slice(plaintext)
-    })
+    });
+    cell
 }
 
 /// Encrypts named values (a subject value and that person's personal values) as one cell:
@@ -73,14 +75,21 @@ pub fn encrypt_cell(entry: &Entry, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
 pub fn encrypt_values<'v>(
     entry: &Entry,
     aad: &[u8],
-    values: impl IntoIterator<Item = (&'v str, &'v str)> + Clone,
+    values: impl IntoIterator<Item = (&'v str, &'v str)>,
 ) -> Vec<u8> {
-    let len: usize = values
-        .clone()
-        .into_iter()
-        .map(|(n, v)| 1 + n.len().min(255) + 4 + v.len())
-        .sum();
-    seal_with(entry, aad, len, |buf| {
+    let mut cell = Vec::new();
+    encrypt_values_into(&mut cell, entry, aad, values);
+    cell
+}
+
+/// Like [`encrypt_values`], appending the cell to `out`; returns where it lies there.
+pub fn encrypt_values_into<'v>(
+    out: &mut Vec<u8>,
+    entry: &Entry,
+    aad: &[u8],
+    values: impl IntoIterator<Item = (&'v str, &'v str)>,
+) -> std::ops::Range<usize> {
+    seal_into(out, entry, aad, |buf| {
         for (name, value) in values {
             let name = &name.as_bytes()[..name.len().min(255)];
             buf.push(name.len() as u8);
@@ -91,12 +100,13 @@ pub fn encrypt_values<'v>(
     })
 }
 
-/// Like [`encrypt_values`], appending the cell to `out`; returns where it lies there.
-pub fn encrypt_values_into<'v>(
+/// Appends a cell to `out`: header, the plaintext `fill` writes, sealed in place, tag.
+/// Returns where the cell lies in `out`.
+fn seal_into(
     out: &mut Vec<u8>,
     entry: &Entry,
     aad: &[u8],
-    values: impl IntoIterator<Item = (&'v str, &'v str)>,
+    fill: impl FnOnce(&mut Vec<u8>),
 ) -> std::ops::Range<usize> {
     let start = out.len();
     let mut nonce = [0u8; NONCE_LEN];
@@ -104,13 +114,8 @@ pub fn encrypt_values_into<'v>(
     out.push(VERSION);
     out.extend_from_slice(&entry.key_id.to_le_bytes());
     out.extend_from_slice(&nonce);
-    for (name, value) in values {
-        let name = &name.as_bytes()[..name.len().min(255)];
-        out.push(name.len() as u8);
-        out.extend_from_slice(name);
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        out.extend_from_slice(value.as_bytes());
-    }
+    fill(out);
+    // Sealing fails only past GCM's 64 GiB limit, far above any cell.
     let tag = entry
         .cipher()
         .seal_in_place_separate_tag(
@@ -138,28 +143,6 @@ pub fn value_of<'p>(plaintext: &'p [u8], name: &str) -> Option<&'p str> {
         }
     }
     None
-}
-
-/// Header, plaintext written by `fill`, sealed in place: one allocation per cell.
-fn seal_with(entry: &Entry, aad: &[u8], len: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
-    let mut cell = Vec::with_capacity(HEADER_LEN + len + TAG_LEN);
-    cell.push(VERSION);
-    cell.extend_from_slice(&entry.key_id.to_le_bytes());
-    cell.extend_from_slice(&nonce);
-    fill(&mut cell);
-    // Sealing fails only past GCM's 64 GiB limit, far above any cell.
-    let tag = entry
-        .cipher()
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut cell[HEADER_LEN..],
-        )
-        .expect("a cell is far below the AES-GCM size limit");
-    cell.extend_from_slice(tag.as_ref());
-    cell
 }
 
 /// Decrypts a cell, finding its key through `key_for` (None: destroyed or unknown).
