@@ -60,10 +60,12 @@ for run in $ONLY; do
             > "$WORK/$run.log" 2>&1 &
         SERVER_PID=$!
         wait_port 18181
+        # loadgen reads the admin token from HISTORIAN_TOKEN; peers ignore it.
+        export HISTORIAN_TOKEN="$(cat "$WORK/$run/admin-token")"
         endpoint="/api/v3/write_lp?db=bench&precision=ns"
         [ "$run" = historian-nosync ] && endpoint="$endpoint&no_sync=true"
         load "$run" 18181 "$endpoint"
-        curl -s http://127.0.0.1:18181/metrics | grep -E '^historian_(wal_fsyncs|write_requests|writes_throttled|files|partitions)' >&2 || true
+        curl -s -H "Authorization: Bearer $HISTORIAN_TOKEN" http://127.0.0.1:18181/metrics | grep -E '^historian_(wal_fsyncs|write_requests|writes_throttled|files|partitions)' >&2 || true
         # Files per partition in the latest manifest, before the final flush adds any.
         python3 - "$WORK/$run/lake/databases/bench/manifest/cpu" <<'PY' >&2 || true
 import json, os, sys, collections

@@ -50,6 +50,7 @@ run_once() { # $1 = on|off; prints rows/s
         --http-bind 127.0.0.1:18282 > "$WORK/server-$1.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do curl -sf "$URL/health" > /dev/null && break; sleep 0.1; done
+    export HISTORIAN_TOKEN="$(cat "$data/admin-token")"
     local start end
     start=$(date +%s.%N)
     for shard in "$WORK"/shard-*; do
@@ -58,7 +59,7 @@ run_once() { # $1 = on|off; prints rows/s
     wait $(jobs -p | grep -v "^$SERVER_PID$")
     end=$(date +%s.%N)
     local stored
-    stored=$(curl -s "$URL/api/v3/query_sql" --data-urlencode "db=bench" \
+    stored=$(curl -s -H "Authorization: Bearer $HISTORIAN_TOKEN" "$URL/api/v3/query_sql" --data-urlencode "db=bench" \
         --data-urlencode "q=SELECT count(*) AS n FROM mes_event" -G | tr -dc '0-9')
     kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
     [ "$stored" = "$ROWS" ] || { echo "stored $stored of $ROWS rows ($1)" >&2; exit 1; }

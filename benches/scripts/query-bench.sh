@@ -21,7 +21,7 @@ SERVER_PID=""
 trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 URL=http://127.0.0.1:18181
 
-metric() { curl -s "$URL/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+metric() { curl -s -H "Authorization: Bearer $HISTORIAN_TOKEN" "$URL/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 rss_mib() { awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$SERVER_PID/status"; }
 
 cat > "$WORK/historian.toml" <<TOML
@@ -34,6 +34,8 @@ TOML
     --http-bind 127.0.0.1:18181 > "$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 100); do curl -sf "$URL/health" > /dev/null && break; sleep 0.1; done
+# The admin token the server wrote at its first start: loadgen and curl send it.
+export HISTORIAN_TOKEN="$(cat "$WORK/data/admin-token")"
 
 echo "== loading $ROWS rows" >&2
 "$BIN/historian-loadgen" --url "$URL" --endpoint "/api/v3/write_lp?db=bench" \
@@ -62,7 +64,7 @@ echo "== TSBS queries: Historian vs DuckDB, median of $RUNS" >&2
 
 echo "== 10M-row CSV result: server RSS" >&2
 before=$(rss_mib); peak=$before
-curl -s -G "$URL/api/v3/query_sql" --data-urlencode db=bench --data-urlencode format=csv \
+curl -s -G -H "Authorization: Bearer $HISTORIAN_TOKEN" "$URL/api/v3/query_sql" --data-urlencode db=bench --data-urlencode format=csv \
     --data-urlencode "q=SELECT * FROM cpu LIMIT 10000000" -o "$WORK/out.csv" &
 CURL=$!
 while kill -0 "$CURL" 2>/dev/null; do r=$(rss_mib); [ "$r" -gt "$peak" ] && peak=$r; sleep 0.2; done

@@ -33,6 +33,10 @@ pub struct Config {
     pub query: QuerySection,
     /// The keyring and its master key.
     pub privacy: PrivacySection,
+    /// Roles beyond the built-in ones, keyed by name.
+    pub roles: HashMap<String, crate::role::RoleDef>,
+    /// The audit trail.
+    pub audit: AuditSection,
     /// Logging.
     pub log: LogConfig,
 }
@@ -45,6 +49,10 @@ pub struct ServerConfig {
     pub http_bind: String,
     /// Data directory (WAL, and the lake by default).
     pub data_dir: PathBuf,
+    /// TLS certificate chain (PEM); with `tls_key`, HTTP is served over TLS only.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +60,29 @@ impl Default for ServerConfig {
         ServerConfig {
             http_bind: "127.0.0.1:8181".into(),
             data_dir: PathBuf::from("./historian-data"),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+/// `[audit]`: the hash-chained audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// How often pending records are shipped to the lake as a segment.
+    #[serde(with = "humantime_serde")]
+    pub ship_interval: Duration,
+    /// Segments older than this are removed; none = kept for ever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            ship_interval: Duration::from_secs(10),
+            retention: Some(Duration::from_secs(400 * 86_400)),
         }
     }
 }
@@ -311,6 +342,15 @@ impl Config {
         for (name, table) in &self.tables {
             table.validate_profile(name).map_err(ConfigError::Invalid)?;
         }
+        for (name, role) in &self.roles {
+            role.validate(name).map_err(ConfigError::Invalid)?;
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return bad("server.tls_cert and server.tls_key go together");
+        }
+        if self.audit.ship_interval.is_zero() {
+            return bad("audit.ship_interval must be positive");
+        }
         if self.persist.deletion_grace <= self.query.timeout {
             // A query may still be reading a file that compaction replaced: it would fail.
             tracing::warn!(
@@ -356,6 +396,11 @@ impl Config {
             tables: self.tables.clone(),
             keyring: None,
         })
+    }
+
+    /// The data directory, absolute.
+    pub fn data_dir(&self) -> Result<PathBuf, ConfigError> {
+        absolute(&self.server.data_dir)
     }
 
     /// Whether some table's privacy profile names subjects (and so needs the keyring).

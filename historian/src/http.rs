@@ -16,6 +16,10 @@ use ingest::{Ingester, WriteError, WriteRequest};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
+use crate::audit::AuditLog;
+use crate::auth::{Auth, Caller, forbidden};
+use crate::role::Role;
+
 /// Shared state of the handlers.
 pub struct AppState {
     /// The write path.
@@ -28,6 +32,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Retry-After seconds for throttled writes.
     pub retry_after_secs: u64,
+    /// Tokens, roles and failed-login accounting.
+    pub auth: Arc<Auth>,
+    /// The audit trail.
+    pub audit: Arc<AuditLog>,
 }
 
 /// The router of every endpoint.
@@ -49,6 +57,19 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v3/subjects/inventory",
             get(crate::subject::inventory_handler),
         )
+        .route(
+            "/api/v3/tokens",
+            get(crate::admin::list_tokens).post(crate::admin::create_token),
+        )
+        .route(
+            "/api/v3/tokens/{id}",
+            axum::routing::delete(crate::admin::revoke_token),
+        )
+        .route("/api/v3/roles", get(crate::admin::list_roles))
+        .route(
+            "/api/v3/roles/{name}",
+            axum::routing::put(crate::admin::put_role).delete(crate::admin::delete_role),
+        )
         .route("/health", get(health))
         .route("/ping", get(ping).head(ping))
         .route("/metrics", get(metrics))
@@ -58,7 +79,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// An error answer in the InfluxDB 3 shape (`error`, `data`), with v2's `code`/`message`.
-fn error_response(status: StatusCode, message: &str, extra: serde_json::Value) -> Response {
+pub(crate) fn error_response(
+    status: StatusCode,
+    message: &str,
+    extra: serde_json::Value,
+) -> Response {
     let mut body = json!({
         "error": message,
         "message": message,
@@ -102,29 +127,32 @@ enum Flavour {
 
 async fn write_v3(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    write(s, q, headers, body, Flavour::V3).await
+    write(s, &caller, q, headers, body, Flavour::V3).await
 }
 
 async fn write_v2(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    write(s, q, headers, body, Flavour::V2).await
+    write(s, &caller, q, headers, body, Flavour::V2).await
 }
 
 async fn write_v1(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    write(s, q, headers, body, Flavour::V1).await
+    write(s, &caller, q, headers, body, Flavour::V1).await
 }
 
 /// A request refused before it reaches the write path.
@@ -189,6 +217,7 @@ async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<Byte
 
 async fn write(
     s: Arc<AppState>,
+    caller: &Caller,
     q: HashMap<String, String>,
     headers: HeaderMap,
     body: Body,
@@ -236,12 +265,17 @@ async fn write(
         Ok(b) => b,
         Err(r) => return r.into_response(),
     };
+    if matches!(caller.role, Role::Dpo | Role::Auditor) {
+        return forbidden(&format!("role {} may not write", caller.role.name()));
+    }
+    let may_write = |table: &str| caller.role.may_write(table);
     let req = WriteRequest {
         db: &db,
         body: &body,
         precision,
         accept_partial,
         no_sync,
+        may_write: Some(&may_write),
     };
     match s.ingester.write(req).await {
         Ok(outcome) if outcome.rejected.is_empty() && outcome.dropped_columns.is_empty() => {
@@ -312,7 +346,10 @@ async fn ping() -> Response {
     r
 }
 
-async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+async fn metrics(State(s): State<Arc<AppState>>, caller: Caller) -> Response {
+    if caller.role != Role::Admin {
+        return forbidden("metrics are for the admin role");
+    }
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &s.registry) {
         return error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), json!({}));
@@ -338,6 +375,7 @@ struct QueryBody {
 
 async fn query_get(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let body = QueryBody {
@@ -345,11 +383,12 @@ async fn query_get(
         q: q.get("q").cloned(),
         format: q.get("format").cloned(),
     };
-    run_query(s, body).await
+    run_query(s, &caller, body).await
 }
 
 async fn query_post(
     State(s): State<Arc<AppState>>,
+    caller: Caller,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Body,
@@ -388,7 +427,7 @@ async fn query_post(
     parsed.db = parsed.db.or_else(|| q.get("db").cloned());
     parsed.q = parsed.q.or_else(|| q.get("q").cloned());
     parsed.format = parsed.format.or_else(|| q.get("format").cloned());
-    run_query(s, parsed).await
+    run_query(s, &caller, parsed).await
 }
 
 fn query_error_response(e: &query::QueryError) -> Response {
@@ -404,7 +443,7 @@ fn query_error_response(e: &query::QueryError) -> Response {
     error_response(status, &e.to_string(), json!({}))
 }
 
-async fn run_query(s: Arc<AppState>, body: QueryBody) -> Response {
+async fn run_query(s: Arc<AppState>, caller: &Caller, body: QueryBody) -> Response {
     use futures::StreamExt;
     let format: query::OutputFormat = match body.format.as_deref().unwrap_or("json").parse() {
         Ok(f) => f,
@@ -421,10 +460,14 @@ async fn run_query(s: Arc<AppState>, body: QueryBody) -> Response {
         )
         .into_response();
     };
-    let mut stream = match s.query.query(&db, &sql).await {
-        Ok(stream) => stream,
-        Err(e) => return query_error_response(&e),
-    };
+    if matches!(caller.role, Role::Writer) {
+        return forbidden("the writer role may not query");
+    }
+    let mut stream =
+        match crate::session::query(&s.query, &s.audit, caller, "http", &db, &sql).await {
+            Ok(stream) => stream,
+            Err(e) => return query_error_response(&e),
+        };
     // The first batch comes before the headers, so that most errors get a status code;
     // a later one cuts the response short.
     let first = match stream.next().await {

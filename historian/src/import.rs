@@ -13,9 +13,8 @@ pub struct ImportArgs {
     /// Files to load: `.lp` or `.lp.gz`.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// Server URL.
-    #[arg(long, default_value = "http://127.0.0.1:8181", env = "HISTORIAN_URL")]
-    pub url: String,
+    #[command(flatten)]
+    pub server: crate::client::ServerArgs,
     /// Target database.
     #[arg(long)]
     pub db: String,
@@ -39,13 +38,11 @@ struct Totals {
 
 /// Runs the import; returns an error if the server is unreachable or refuses a request.
 pub async fn run(args: ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let client = reqwest::Client::new();
-    let endpoint = format!(
-        "{}/api/v3/write_lp?db={}&precision={}",
-        args.url.trim_end_matches('/'),
-        args.db,
-        args.precision
-    );
+    let client = args.server.client()?;
+    let endpoint = args.server.endpoint(&format!(
+        "/api/v3/write_lp?db={}&precision={}",
+        args.db, args.precision
+    ));
     let total_bytes: u64 = args
         .files
         .iter()

@@ -10,13 +10,21 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod admin;
+mod audit;
+mod auth;
+mod client;
 mod config;
 mod http;
 mod import;
 mod keys;
 mod query_client;
+mod role;
 mod server;
+mod session;
+mod state_file;
 mod subject;
+mod token;
 
 /// Historian: a time-series historian for factories.
 #[derive(Debug, Parser)]
@@ -38,6 +46,30 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Data-subject requests against a running server: export, erase, inventory.
     Subject(subject::SubjectArgs),
+    /// Creates, lists and revokes API tokens.
+    Token(admin::TokenArgs),
+    /// Checks the audit trail.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AuditArgs {
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verifies the hash chain: finds changed, removed, reordered or truncated records and
+    /// a rewritten chain. Exits non-zero if anything is wrong.
+    Verify {
+        /// Configuration file (for the lake and the data directory).
+        #[arg(long, env = "HISTORIAN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory.
+        #[arg(long, env = "HISTORIAN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,6 +83,10 @@ struct ServeArgs {
     /// HTTP listen address, e.g. 127.0.0.1:8181 (port 0 picks a free one).
     #[arg(long, env = "HISTORIAN_HTTP_BIND")]
     http_bind: Option<String>,
+    /// No authentication: every caller is an anonymous admin. For local experiments only;
+    /// refused unless the server listens on a loopback address.
+    #[arg(long)]
+    without_auth: bool,
 }
 
 fn init_tracing(format: &str, level: &str) {
@@ -92,7 +128,7 @@ fn main() -> std::process::ExitCode {
                     config.server.http_bind = b;
                 }
                 init_tracing(&config.log.format, &config.log.level);
-                server::serve(config).await
+                server::serve(config, args.without_auth).await
             }
             Command::Import(args) => {
                 init_tracing("text", "warn");
@@ -109,6 +145,23 @@ fn main() -> std::process::ExitCode {
             Command::Subject(args) => {
                 init_tracing("text", "warn");
                 subject::run(args).await
+            }
+            Command::Token(args) => {
+                init_tracing("text", "warn");
+                admin::run_token(args).await
+            }
+            Command::Audit(AuditArgs {
+                command: AuditCommand::Verify { config, data_dir },
+            }) => {
+                init_tracing("text", "warn");
+                let mut config = match &config {
+                    Some(path) => config::Config::load(path)?,
+                    None => config::Config::default(),
+                };
+                if let Some(d) = data_dir {
+                    config.server.data_dir = d;
+                }
+                server::verify_audit(&config).await
             }
         }
     });

@@ -10,9 +10,8 @@ use futures::StreamExt;
 pub struct QueryArgs {
     /// The SQL query.
     pub sql: String,
-    /// Server URL.
-    #[arg(long, default_value = "http://127.0.0.1:8181", env = "HISTORIAN_URL")]
-    pub url: String,
+    #[command(flatten)]
+    pub server: crate::client::ServerArgs,
     /// Database.
     #[arg(long, env = "HISTORIAN_DB")]
     pub db: String,
@@ -23,9 +22,11 @@ pub struct QueryArgs {
 
 /// Runs the query; an error answer becomes an error with the server's message.
 pub async fn run(args: QueryArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let endpoint = format!("{}/api/v3/query_sql", args.url.trim_end_matches('/'));
+    let endpoint = args.server.endpoint("/api/v3/query_sql");
     let body = serde_json::json!({"db": args.db, "q": args.sql, "format": args.format});
-    let response = reqwest::Client::new()
+    let response = args
+        .server
+        .client()?
         .post(&endpoint)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body.to_string())
@@ -35,10 +36,7 @@ pub async fn run(args: QueryArgs) -> Result<(), Box<dyn std::error::Error>> {
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(text);
+        let message = crate::client::error_message(&text);
         return Err(format!("{status}: {message}").into());
     }
     let mut stdout = std::io::stdout().lock();

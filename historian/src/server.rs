@@ -7,12 +7,86 @@ use ingest::{IngestMetrics, Ingester};
 use prometheus_client::registry::Registry;
 use store::Lake;
 
+use object_store::path::Path as ObjectPath;
+
+use crate::audit::AuditLog;
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::http::{AppState, router};
+use crate::role::Roles;
+use crate::token::TokenStore;
+
+/// The audit log's directory (local disk, never the lake) and its prefix in the lake.
+fn audit_location(
+    config: &Config,
+    lake: &Lake,
+) -> Result<(std::path::PathBuf, ObjectPath), Box<dyn std::error::Error>> {
+    Ok((
+        config.data_dir()?.join("audit"),
+        lake.root.clone().join("audit"),
+    ))
+}
+
+/// `historian audit verify`: checks the chain and reports every problem.
+pub async fn verify_audit(config: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    let lake = Lake::open(&config.lake_url()?, &config.storage.s3)?;
+    let (dir, prefix) = audit_location(config, &lake)?;
+    let report = crate::audit::verify(&dir, &lake.store, &prefix).await?;
+    if report.problems.is_empty() {
+        match report.range {
+            Some((a, b)) => println!("audit chain OK: {} records, {a}..={b}", report.records),
+            None => println!("audit chain OK: no records"),
+        }
+        return Ok(());
+    }
+    for p in &report.problems {
+        println!("FAIL {p}");
+    }
+    Err(format!(
+        "audit chain broken: {} problem(s) in {} records",
+        report.problems.len(),
+        report.records
+    )
+    .into())
+}
+
+/// Whether `bind` (host:port) names a loopback address.
+fn is_loopback_bind(bind: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    bind.to_socket_addrs()
+        .map(|mut addrs| addrs.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false)
+}
 
 /// Runs the server until a shutdown signal.
-pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
+    if without_auth && !is_loopback_bind(&config.server.http_bind) {
+        return Err(format!(
+            "--without-auth is for local experiments: refused on the non-loopback address {}",
+            config.server.http_bind
+        )
+        .into());
+    }
+    // Load TLS first: a certificate that fails to load stops the server, never falls
+    // back to plaintext.
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot load the TLS certificate {} or key {}: {e}",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?,
+            )
+        }
+        _ => None,
+    };
     let lake_url = config.lake_url()?;
     let lake = Lake::open(&lake_url, &config.storage.s3)?;
     let keyring = crate::keys::open_for_server(&config)?;
@@ -24,6 +98,29 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             ingest_config.wal_dir.display()
         )
     })?;
+    let data_dir = config.data_dir()?;
+    let (audit_dir, audit_prefix) = audit_location(&config, &lake)?;
+    let audit = AuditLog::open(
+        &audit_dir,
+        lake.store.clone(),
+        audit_prefix,
+        config.audit.retention,
+    )
+    .await?;
+    let roles = Roles::open(&config.roles, &data_dir.join("auth"))?;
+    let tokens = if without_auth {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (--without-auth): every caller is an anonymous admin. Never run a plant like this."
+        );
+        None
+    } else {
+        let store = TokenStore::open(&data_dir.join("auth"))?;
+        if let Some(path) = crate::token::bootstrap_admin(&store, &data_dir)? {
+            tracing::info!(path = %path.display(), "first start: an admin token was written to this file (mode 0600); keep it safe and delete the file");
+        }
+        Some(store)
+    };
+    let auth = Arc::new(Auth::new(tokens, roles, audit.clone()));
     let metrics = Arc::new(IngestMetrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -47,7 +144,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(run_key_expiry(
             ingester.clone(),
             config.privacy.key_expiry_interval,
-            stop_rx,
+            stop_rx.clone(),
         ));
     }
     let state = Arc::new(AppState {
@@ -56,26 +153,69 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         registry,
         max_body_bytes: config.write.max_body_bytes,
         retry_after_secs: config.write.retry_after_secs,
+        auth,
+        audit: audit.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(&config.server.http_bind)
-        .await
+    let shipping = tokio::spawn(run_audit_shipping(
+        audit.clone(),
+        config.audit.ship_interval,
+        stop_rx.clone(),
+    ));
+    let listener = std::net::TcpListener::bind(&config.server.http_bind)
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_bind))?;
     let addr = listener.local_addr()?;
-    // Tests and scripts wait for this line to learn the port.
-    tracing::info!(%addr, "listening for HTTP");
-    println!("historian listening on http://{addr}");
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    match tls {
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                handle.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
+            });
+            // Tests and scripts wait for this line to learn the port.
+            tracing::info!(%addr, "listening for HTTPS");
+            println!("historian listening on https://{addr}");
+            server.serve(app).await?;
+        }
+        None => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tracing::info!(%addr, "listening for HTTP");
+            println!("historian listening on http://{addr}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await?;
+        }
+    }
     tracing::info!("shutting down: flushing the write buffer to the lake");
     let _ = stop_tx.send(true);
     let _ = background.await;
+    let _ = shipping.await;
     ingester.shutdown().await?;
+    if let Err(e) = audit.ship().await {
+        tracing::error!(error = %e, "could not ship the last audit records; they stay pending locally");
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Ships audit records to the lake on schedule.
+async fn run_audit_shipping(
+    audit: Arc<AuditLog>,
+    interval: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        if let Err(e) = audit.ship().await {
+            tracing::error!(error = %e, "shipping audit records to the lake failed; will retry");
+        }
+    }
 }
 
 /// Finishes erasures a crash interrupted, then destroys keys past their personal TTL on

@@ -7,22 +7,25 @@
 //! clients on the loopback interface only.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arrow::datatypes::DataType;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use datafusion::logical_expr::{Expr, col, lit};
 use datafusion::scalar::ScalarValue;
 use futures::TryStreamExt;
 use ingest::Ingester;
-use query::{PersonalAccess, QueryEngine, QueryOptions};
+use query::{PersonalAccess, QueryEngine, QueryOptions, RowPolicy, TableAccess, TablePolicies};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::audit::AuditLog;
+use crate::auth::{Caller, forbidden};
+use crate::client::ServerArgs;
 use crate::http::AppState;
+use crate::role::Role;
 
 /// The body of an export or erasure request.
 #[derive(Debug, Deserialize)]
@@ -105,9 +108,15 @@ pub async fn export(
             })
             .reduce(Expr::or)
             .expect("checked not empty");
+        let access = TableAccess {
+            default: PersonalAccess::Clear,
+            columns: Default::default(),
+            rows: Some(RowPolicy::Expr(barrier)),
+        };
         let options = QueryOptions {
-            access: PersonalAccess::Clear,
-            row_filters: [(table.to_string(), barrier)].into(),
+            policy: Some(Arc::new(TablePolicies(
+                [(table.to_string(), access)].into(),
+            ))),
             ..QueryOptions::default()
         };
         let failed = |message: String| SubjectError::Query {
@@ -263,14 +272,48 @@ fn duration_text(d: std::time::Duration) -> String {
     }
 }
 
-fn refuse_remote(peer: &SocketAddr) -> Option<Response> {
-    (!peer.ip().is_loopback()).then(|| {
-        (
-            StatusCode::FORBIDDEN,
-            axum::Json(json!({"error": "subject requests are served to loopback clients only until access control is configured"})),
-        )
-            .into_response()
-    })
+/// Who accessed one subject's data: the audited queries that decrypted cells under one of
+/// the subject's data keys, and the subject requests made about them.
+pub async fn access_records(
+    ingester: &Ingester,
+    audit: &AuditLog,
+    subject: &str,
+) -> Result<Vec<Value>, String> {
+    let Some(keyring) = ingester.keyring.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let keys: std::collections::HashSet<u64> = keyring
+        .subject_entries(&keyring.subject_hash(subject))
+        .iter()
+        .map(|e| e.key_id)
+        .collect();
+    let records = audit.records().await.map_err(|e| e.to_string())?;
+    Ok(records
+        .into_iter()
+        .filter(|(_, sealed)| {
+            sealed.as_ref().is_some_and(|s| {
+                s.key_ids.iter().any(|k| keys.contains(k)) || s.subject.as_deref() == Some(subject)
+            })
+        })
+        .map(|(r, _)| {
+            json!({
+                "time": chrono::DateTime::from_timestamp_nanos(r.time_ns).to_rfc3339(),
+                "kind": r.fields.kind,
+                "user": r.fields.user,
+                "role": r.fields.role,
+                "interface": r.fields.interface,
+                "client": r.fields.client,
+                "sql": r.fields.sql,
+                "tables": r.fields.tables,
+                "audit_seq": r.seq,
+            })
+        })
+        .collect())
+}
+
+/// Subject requests are the data-protection officer's.
+fn refuse_unless_dpo(caller: &Caller) -> Option<Response> {
+    (caller.role != Role::Dpo).then(|| forbidden("subject requests need the dpo role"))
 }
 
 fn bad_request(message: String) -> Response {
@@ -281,9 +324,9 @@ fn bad_request(message: String) -> Response {
         .into_response()
 }
 
-/// A subject request from a loopback client with a well-formed body, or the answer.
-fn accept(peer: &SocketAddr, body: &[u8]) -> Result<SubjectRequest, Box<Response>> {
-    if let Some(r) = refuse_remote(peer) {
+/// A subject request from the dpo with a well-formed body, or the answer.
+fn accept(caller: &Caller, body: &[u8]) -> Result<SubjectRequest, Box<Response>> {
+    if let Some(r) = refuse_unless_dpo(caller) {
         return Err(Box::new(r));
     }
     let req: SubjectRequest = serde_json::from_slice(body)
@@ -305,20 +348,44 @@ fn failure(e: SubjectError) -> Response {
 /// `POST /api/v3/subjects/export` with `{"subject": "...", "format": "json"|"csv"}`.
 pub async fn export_handler(
     State(s): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     body: axum::body::Bytes,
 ) -> Response {
-    let req = match accept(&peer, &body) {
+    let req = match accept(&caller, &body) {
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    let rows = match export(&s.ingester, &s.query, &req.subject).await {
+    let exported = export(&s.ingester, &s.query, &req.subject).await;
+    let mut event = caller.event("subject_export", "http");
+    event.subject = Some(req.subject.clone());
+    event.fields.personal_decrypted = true;
+    if let Ok(rows) = &exported {
+        event.fields.rows = Some(rows.len() as u64);
+    }
+    if let Err(e) = &exported {
+        event.fields.outcome = format!("error: {e}");
+    }
+    // Recorded before it is answered: the export itself is an access to the data.
+    s.audit.record(event).await;
+    let rows = match exported {
         Ok(r) => r,
         Err(e) => return failure(e),
     };
     tracing::info!(rows = rows.len(), "subject export served");
     match req.format.as_deref().unwrap_or("json") {
-        "json" => axum::Json(json!({"rows": rows})).into_response(),
+        "json" => {
+            let access = match access_records(&s.ingester, &s.audit, &req.subject).await {
+                Ok(a) => a,
+                Err(e) => {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::Json(json!({"error": format!("cannot read the audit log: {e}")})),
+                    )
+                        .into_response();
+                }
+            };
+            axum::Json(json!({"rows": rows, "access": access})).into_response()
+        }
         "csv" => (
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
             export_csv(&rows),
@@ -331,14 +398,21 @@ pub async fn export_handler(
 /// `POST /api/v3/subjects/erase` with `{"subject": "..."}`: answers the erasure receipt.
 pub async fn erase_handler(
     State(s): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     body: axum::body::Bytes,
 ) -> Response {
-    let req = match accept(&peer, &body) {
+    let req = match accept(&caller, &body) {
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    match s.ingester.erase_subject(&req.subject).await {
+    let erased = s.ingester.erase_subject(&req.subject).await;
+    let mut event = caller.event("subject_erase", "http");
+    event.subject = Some(req.subject.clone());
+    if let Err(e) = &erased {
+        event.fields.outcome = format!("error: {e}");
+    }
+    s.audit.record(event).await;
+    match erased {
         Ok(receipt) => axum::Json(json!({"receipt": receipt})).into_response(),
         Err(ingest::EraseError::NoKeyring) => failure(SubjectError::NoProfiles),
         Err(e) => {
@@ -353,13 +427,13 @@ pub async fn erase_handler(
 }
 
 /// `GET /api/v3/subjects/inventory`.
-pub async fn inventory_handler(
-    State(s): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-) -> Response {
-    if let Some(r) = refuse_remote(&peer) {
-        return r;
+pub async fn inventory_handler(State(s): State<Arc<AppState>>, caller: Caller) -> Response {
+    if !matches!(caller.role, Role::Dpo | Role::Admin) {
+        return forbidden("the inventory is for the dpo and admin roles");
     }
+    s.audit
+        .record(caller.event("subject_inventory", "http"))
+        .await;
     axum::Json(inventory(&s.ingester, &s.query).await).into_response()
 }
 
@@ -368,14 +442,8 @@ pub async fn inventory_handler(
 pub struct SubjectArgs {
     #[command(subcommand)]
     command: SubjectCommand,
-    /// Server URL.
-    #[arg(
-        long,
-        default_value = "http://127.0.0.1:8181",
-        env = "HISTORIAN_URL",
-        global = true
-    )]
-    url: String,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -399,8 +467,8 @@ enum SubjectCommand {
 
 /// Runs `historian subject ...` against a running server.
 pub async fn run(args: SubjectArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let base = args.url.trim_end_matches('/');
-    let client = reqwest::Client::new();
+    let base = args.server.url.trim_end_matches('/');
+    let client = args.server.client()?;
     let request = match &args.command {
         SubjectCommand::Export { subject, format } => client
             .post(format!("{base}/api/v3/subjects/export"))

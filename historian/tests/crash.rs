@@ -88,16 +88,13 @@ fn row_value(w: usize, c: u64) -> f64 {
 /// One writer: requests of 50-200 fresh rows until `stop`; returns what became of each row.
 async fn writer(
     w: usize,
+    client: reqwest::Client,
     addr: Arc<RwLock<String>>,
     stop: Arc<AtomicBool>,
     seed: u64,
     bases: [i64; 3],
 ) -> (Vec<SentRow>, BTreeMap<String, usize>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
     let mut rows: Vec<SentRow> = Vec::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
@@ -474,6 +471,7 @@ fn kill9_at_20_points_loses_no_acknowledged_row_and_duplicates_none() {
         .map(|w| {
             rt.spawn(writer(
                 w,
+                server.client_with_timeout(Duration::from_secs(20)),
                 addr.clone(),
                 stop.clone(),
                 seed.wrapping_add(w as u64 + 1),
@@ -657,7 +655,7 @@ fn an_orphan_of_a_tables_first_flush_is_deleted_at_the_next_start() {
         &[("HISTORIAN_FAILPOINT", "manifest_commit:1")],
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = reqwest::Client::new();
+    let client = server.client();
     let url = server.url(&format!("/api/v3/write_lp?db={DB}&precision=ns"));
     let (status, body) = rt.block_on(common::post(
         &client,

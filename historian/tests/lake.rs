@@ -58,7 +58,7 @@ fn mes_body(days: i64, per_day: i64) -> String {
 async fn parquet_files_are_sorted_zstd_with_dictionary_tags_statistics_and_page_indexes() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), FAST);
-    let c = reqwest::Client::new();
+    let c = server.client();
     // Rows arrive out of order; the file must be sorted by tags then time.
     let mut lines: Vec<String> = (0..3000)
         .map(|i| {
@@ -159,7 +159,7 @@ async fn parquet_files_are_sorted_zstd_with_dictionary_tags_statistics_and_page_
 async fn duckdb_and_pyarrow_read_the_partitions_and_see_the_same_rows() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), FAST);
-    let c = reqwest::Client::new();
+    let c = server.client();
     let body = mes_body(3, 400);
     let (s, j) = post(
         &c,
@@ -263,7 +263,7 @@ fn chrono_day(t: i64) -> String {
 async fn new_columns_extend_the_schema_and_older_files_read_back_with_nulls() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), FAST);
-    let c = reqwest::Client::new();
+    let c = server.client();
     let url = server.url("/api/v3/write_lp?db=evo&precision=s");
     assert_eq!(post(&c, &url, "m,host=a v=1 1700000000").await.0, 204);
     server.stop();
@@ -313,7 +313,7 @@ print(rows)
 async fn late_rows_land_in_their_own_partition_without_rewriting_old_files() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), FAST);
-    let c = reqwest::Client::new();
+    let c = server.client();
     let now = now_ns();
     let url = server.url("/api/v3/write_lp?db=late&precision=ns");
     assert_eq!(post(&c, &url, format!("m,host=a v=1 {now}")).await.0, 204);
@@ -376,7 +376,7 @@ async fn ttl_rejects_expired_writes_and_the_sweeper_deletes_expired_partitions()
         )
     };
     let mut server = Server::start(dir.path(), &config("30d"));
-    let c = reqwest::Client::new();
+    let c = server.client();
     let now = now_ns();
     let url = server.url("/api/v3/write_lp?db=ret&precision=ns");
     let (s, j) = post(
@@ -452,7 +452,8 @@ async fn import_loads_plain_and_gzipped_files_and_reports_a_summary() {
     )
     .unwrap();
     std::fs::write(&gz, enc.finish().unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_historian"))
+    let out = server
+        .cli()
         .args([
             "import",
             "--quiet",

@@ -173,7 +173,7 @@ fn generate(start_ns: i64) -> (Vec<Vec<u8>>, Vec<Event>) {
 
 async fn export(server: &Server, subject: &str) -> Vec<Value> {
     let (status, body) = post(
-        &reqwest::Client::new(),
+        &server.dpo(),
         &server.url("/api/v3/subjects/export"),
         json!({"subject": subject}).to_string(),
     )
@@ -183,7 +183,7 @@ async fn export(server: &Server, subject: &str) -> Vec<Value> {
 }
 
 async fn write_all(server: &Server, bodies: &[Vec<u8>]) {
-    let client = reqwest::Client::new();
+    let client = server.client();
     for body in bodies {
         let (status, answer) = post(
             &client,
@@ -339,7 +339,8 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
         "export spans partitions: {partitions:?}"
     );
     let (status, csv) = {
-        let resp = reqwest::Client::new()
+        let resp = server
+            .dpo()
             .post(server.url("/api/v3/subjects/export"))
             .body(json!({"subject": operator, "format": "csv"}).to_string())
             .send()
@@ -376,7 +377,7 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
     // Erasure: keys at once, then the rows everywhere; idempotent.
     let before_mes = count(&server, "mes_event").await;
     let before_access = count(&server, "access_log").await;
-    let client = reqwest::Client::new();
+    let client = server.dpo();
     let (status, receipt) = post(
         &client,
         &server.url("/api/v3/subjects/erase"),
@@ -515,7 +516,8 @@ async fn personal_ttl_hides_cells_at_once_and_destroys_expired_keys() {
     assert_eq!(names, vec![json!("Tess Tull"), Value::Null], "{exported:?}");
 
     // The inventory for the records of processing, through the CLI.
-    let out = Command::new(env!("CARGO_BIN_EXE_historian"))
+    let out = server
+        .cli()
         .args(["subject", "inventory", "--url", &server.url("")])
         .output()
         .unwrap();
@@ -574,7 +576,7 @@ async fn keyring_backup_restore_rotation_and_master_key_checks() {
     let backup = dir.path().join("keyring.backup");
     keys(&data, &["backup", backup.to_str().unwrap()]);
     let (status, _) = post(
-        &reqwest::Client::new(),
+        &server.dpo(),
         &server.url("/api/v3/subjects/erase"),
         json!({"subject": "E-A"}).to_string(),
     )

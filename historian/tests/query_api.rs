@@ -23,7 +23,7 @@ async fn count(server: &Server, db: &str, table: &str) -> i64 {
 }
 
 async fn write(server: &Server, db: &str, body: String) {
-    let c = reqwest::Client::new();
+    let c = server.client();
     let (status, resp) = post(&c, &server.url(&format!("/api/v3/write_lp?db={db}")), body).await;
     assert_eq!(status, 204, "{resp}");
 }
@@ -124,7 +124,7 @@ async fn acknowledged_rows_are_visible_at_once_in_every_format() {
     assert!(text.contains("| L1   | 21.5 |"), "{text}");
 
     // POST with a JSON body, and with the SQL as the body.
-    let c = reqwest::Client::new();
+    let c = server.client();
     let resp = c
         .post(server.url("/api/v3/query_sql"))
         .header("content-type", "application/json")
@@ -253,7 +253,8 @@ async fn bad_queries_get_clear_errors_and_the_sandbox_holds() {
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     let (status, _, _) = query(&server, "plant", "SELECT 1", "xml").await;
     assert_eq!(status, 400);
-    let resp = reqwest::Client::new()
+    let resp = server
+        .client()
         .get(server.url("/api/v3/query_sql?q=SELECT%201"))
         .send()
         .await
@@ -457,7 +458,8 @@ queue_timeout = "200ms"
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // One slot: a query streaming its result holds it; the next waits, then gets 503.
-    let long = reqwest::Client::new()
+    let long = server
+        .client()
         .get(server.url("/api/v3/query_sql"))
         .query(&[
             ("db", "db"),
@@ -484,7 +486,10 @@ queue_timeout = "200ms"
         assert!(Instant::now() < deadline, "the slot was not freed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = reqwest::get(server.url("/metrics"))
+    let metrics = server
+        .client()
+        .get(server.url("/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -504,7 +509,8 @@ async fn the_query_command_prints_results_and_errors() {
     write(&server, "db", format!("m,host=a v=1.5 {}\n", now_ns())).await;
     let url = format!("http://{}", server.addr);
     let historian_query = |sql: &str, extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_historian"))
+        server
+            .cli()
             .args(["query", sql, "--db", "db", "--url", &url])
             .args(extra)
             .output()

@@ -34,7 +34,10 @@ async fn error(server: &Server, db: &str, sql: &str) -> String {
 async fn wait_until_persisted(server: &Server) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let m = reqwest::get(server.url("/metrics"))
+        let m = server
+            .client()
+            .get(server.url("/metrics"))
+            .send()
             .await
             .unwrap()
             .text()
@@ -258,7 +261,7 @@ async fn tsbs_queries_answer_as_duckdb_does_over_the_same_files() {
         dir.path(),
         "[persist]\nflush_age = \"200ms\"\ninterval = \"100ms\"\n",
     );
-    let c = reqwest::Client::new();
+    let c = server.client();
     for body in tsbs_cpu().into_iter().chain(mes()) {
         let (status, resp) = post(&c, &server.url("/api/v3/write_lp?db=tsbs"), body).await;
         assert_eq!(status, 204, "{resp}");
@@ -292,7 +295,7 @@ async fn tsbs_queries_answer_as_duckdb_does_over_the_same_files() {
 /// Two series of a signal, minute buckets from T0: a = 10 @0s, 20 @30s, 40 @150s; b = 1 @60s.
 async fn signal_server(dir: &std::path::Path) -> Server {
     let server = Server::start(dir, "");
-    let c = reqwest::Client::new();
+    let c = server.client();
     let body = format!(
         "signal,s=a v=10 {}\nsignal,s=a v=20 {}\nsignal,s=a v=40 {}\nsignal,s=b v=1 {}\n",
         T0,

@@ -392,7 +392,7 @@ fn the_lake_lives_on_s3_and_survives_a_restart() {
         &config(&moto.endpoint, bucket, prefix, persist),
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = reqwest::Client::new();
+    let client = server.client();
     let mut sent = Vec::new();
     let url = write_url(&server);
     rt.block_on(async {
@@ -485,6 +485,7 @@ fn the_lake_lives_on_s3_and_survives_a_restart() {
         &config(&moto.endpoint, bucket, prefix, persist),
     );
     let url = write_url(&fresh);
+    let client = fresh.client();
     rt.block_on(async {
         for (i, table) in tables.iter().enumerate() {
             let body = rows(table, (i as i64 * 10 + 8) * 400, 200, &[0, 2], &mut sent);
@@ -591,14 +592,11 @@ fn an_upload_interrupted_by_a_crash_leaves_no_orphan_and_loses_nothing() {
     };
     let data_dir = dir.path().join("data");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap();
     let base = today() - DAY_NS;
 
     // A first flush of both tables, so they have manifests.
     let mut server = Server::start(&data_dir, &cfg("200ms"));
+    let client = server.client_with_timeout(Duration::from_secs(300));
     let url = write_url(&server);
     rt.block_on(async {
         write_acked(&client, &url, big_rows(0, FIRST, base)).await;
@@ -799,7 +797,7 @@ operator_id = ["operator_name", "badge_id"]
         String::from_utf8_lossy(&init.stderr)
     );
     let mut server = Server::start(&data, &cfg);
-    let client = reqwest::Client::new();
+    let client = server.client();
     let t0 = today() - 2 * DAY_NS;
     let mut body = String::new();
     for i in 0..200i64 {
@@ -839,7 +837,7 @@ operator_id = ["operator_name", "badge_id"]
     let masked = common::rows(&server, DB, "SELECT time, operator_id FROM mes_event").await;
     let exported = {
         let (status, body) = common::post(
-            &client,
+            &server.dpo(),
             &server.url("/api/v3/subjects/export"),
             serde_json::json!({"subject": "E-S3-ALPHA"}).to_string(),
         )
@@ -862,7 +860,7 @@ operator_id = ["operator_name", "badge_id"]
     assert!(!pseudonyms.is_empty());
 
     let (status, receipt) = common::post(
-        &client,
+        &server.dpo(),
         &server.url("/api/v3/subjects/erase"),
         serde_json::json!({"subject": "E-S3-ALPHA"}).to_string(),
     )

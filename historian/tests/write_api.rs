@@ -55,7 +55,7 @@ fn strings(b: &RecordBatch, col: &str) -> Vec<Option<String>> {
 async fn line_protocol_grammar_round_trips_through_every_endpoint_into_parquet() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), FAST);
-    let c = reqwest::Client::new();
+    let c = server.client();
     let body = concat!(
         "# a comment, then a blank line\n",
         "\n",
@@ -149,7 +149,7 @@ async fn line_protocol_grammar_round_trips_through_every_endpoint_into_parquet()
 async fn bad_lines_are_named_without_their_values_and_good_lines_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), FAST);
-    let c = reqwest::Client::new();
+    let c = server.client();
     let url = server.url("/api/v3/write_lp?db=plant&precision=ns");
     let (status, _) = post(&c, &url, "mes,line=l1 operator=\"Jürgen Secret\",n=1i 1").await;
     assert_eq!(status, 204);
@@ -247,7 +247,7 @@ async fn bad_lines_are_named_without_their_values_and_good_lines_are_kept() {
 async fn body_limit_answers_413_before_and_after_gzip() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), "[write]\nmax_body_bytes = 1000\n");
-    let c = reqwest::Client::new();
+    let c = server.client();
     let url = server.url("/api/v3/write_lp?db=d");
     let big = "m v=1 1\n".repeat(200);
     let (status, json) = post(&c, &url, big.clone()).await;
@@ -291,7 +291,7 @@ async fn limits_on_tables_columns_and_series_reject_with_a_clear_reason() {
         dir.path(),
         "[limits]\nmax_tables_per_db = 2\nmax_columns_per_table = 4\nmax_series_per_table = 3\n",
     );
-    let c = reqwest::Client::new();
+    let c = server.client();
     let url = server.url("/api/v3/write_lp?db=d&precision=ns");
     assert_eq!(post(&c, &url, "a v=1 1\nb v=1 1\n").await.0, 204);
     let (status, json) = post(&c, &url, "c v=1 1\n").await;
@@ -338,7 +338,7 @@ async fn a_full_buffer_answers_503_with_retry_after() {
         dir.path(),
         "[write]\nbuffer_limit_bytes = 1\nretry_after_secs = 7\nfull_buffer_wait = \"100ms\"\n[persist]\nflush_age = \"1h\"\nflush_bytes = 1000000000\n",
     );
-    let c = reqwest::Client::new();
+    let c = server.client();
     let url = server.url("/api/v3/write_lp?db=d&precision=ns");
     // The first write fits (the buffer was empty); the next finds it full.
     assert_eq!(post(&c, &url, "m v=1 1").await.0, 204);
@@ -367,7 +367,7 @@ async fn metric(c: &reqwest::Client, server: &Server, name: &str) -> f64 {
 async fn group_commit_keeps_fsyncs_under_a_tenth_of_writes_with_64_writers() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), FAST);
-    let c = reqwest::Client::new();
+    let c = server.client();
     let url = server.url("/api/v3/write_lp?db=gc&precision=ns");
     let fsyncs_before = metric(&c, &server, "historian_wal_fsyncs_total").await;
     let mut tasks = Vec::new();
@@ -404,7 +404,7 @@ async fn same_series_and_time_keep_the_last_write_per_field_across_buffer_and_fi
     // closed_after 0s: every partition with more than one file is compacted (deduplicated).
     let config = "[persist]\nflush_age = \"100ms\"\ninterval = \"100ms\"\nclosed_after = \"0s\"\ndeletion_grace = \"0s\"\n";
     let mut server = Server::start(dir.path(), config);
-    let c = reqwest::Client::new();
+    let c = server.client();
     let url = server.url("/api/v3/write_lp?db=d&precision=s");
     // Duplicates within one request (one file).
     let (s, _) = post(

@@ -290,6 +290,19 @@ impl Catalog {
         precision: Precision,
         now_ns: i64,
     ) -> Result<ValidatedWrite, CatalogError> {
+        self.validate_for(db, lines, precision, now_ns, None)
+    }
+
+    /// [`Catalog::validate`] for a writer who may write only the tables `may_write`
+    /// accepts: lines for other tables are rejected (before any table is created).
+    pub fn validate_for<'a>(
+        &self,
+        db: &str,
+        lines: impl IntoIterator<Item = Result<ParsedLine<'a>, LineError>>,
+        precision: Precision,
+        now_ns: i64,
+        may_write: Option<&(dyn Fn(&str) -> bool + Send + Sync)>,
+    ) -> Result<ValidatedWrite, CatalogError> {
         if !is_valid_name(db) {
             return Err(CatalogError::InvalidDatabase(db.to_string()));
         }
@@ -315,7 +328,13 @@ impl Catalog {
             }
         }
         for (table_name, lines) in by_table {
-            let table = match self.table_or_create(db, &table_name, true) {
+            let permitted = may_write.is_none_or(|f| f(&table_name));
+            let created = if permitted {
+                self.table_or_create(db, &table_name, true)
+            } else {
+                Err("this token's role may not write to this table".to_string())
+            };
+            let table = match created {
                 Ok(t) => t,
                 Err(reason) => {
                     for l in &lines {

@@ -43,7 +43,7 @@ pub struct IngestConfig {
 }
 
 /// One write request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct WriteRequest<'a> {
     /// Target database.
     pub db: &'a str,
@@ -55,6 +55,21 @@ pub struct WriteRequest<'a> {
     pub accept_partial: bool,
     /// Acknowledge before the WAL fsync.
     pub no_sync: bool,
+    /// Which tables the writer may write; lines for others are rejected. None = all.
+    pub may_write: Option<&'a (dyn Fn(&str) -> bool + Send + Sync)>,
+}
+
+impl std::fmt::Debug for WriteRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteRequest")
+            .field("db", &self.db)
+            .field("bytes", &self.body.len())
+            .field("precision", &self.precision)
+            .field("accept_partial", &self.accept_partial)
+            .field("no_sync", &self.no_sync)
+            .field("restricted", &self.may_write.is_some())
+            .finish()
+    }
 }
 
 /// What a write did.
@@ -266,9 +281,13 @@ impl Ingester {
             });
         }
         let guard = self.wal.preparing();
-        let validated =
-            self.catalog
-                .validate(req.db, parse_lines(req.body), req.precision, now_ns())?;
+        let validated = self.catalog.validate_for(
+            req.db,
+            parse_lines(req.body),
+            req.precision,
+            now_ns(),
+            req.may_write,
+        )?;
         self.metrics
             .lines_rejected
             .inc_by(validated.rejected.len() as u64);

@@ -8,14 +8,25 @@ use async_trait::async_trait;
 use datafusion::catalog::{SchemaProvider, TableProvider};
 use datafusion::error::DataFusionError;
 use datafusion::execution::object_store::ObjectStoreUrl;
-use datafusion::logical_expr::Expr;
 use store::TableSource;
 
 use crate::personal::{PersonalAccess, PersonalTable};
+use crate::policy::{AccessPolicy, DecryptionLog, TableAccess};
 use crate::table::LakeTable;
 use privacy::Keyring;
 
-/// One database's tables.
+/// The policy of a session without access control: every table, personal columns seen
+/// with one [`PersonalAccess`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllTables(pub PersonalAccess);
+
+impl AccessPolicy for AllTables {
+    fn table(&self, _db: &str, _table: &str) -> Option<TableAccess> {
+        Some(TableAccess::all(self.0))
+    }
+}
+
+/// One database's tables, as one session's policy shows them.
 #[derive(Debug)]
 pub struct DatabaseSchema {
     db: String,
@@ -23,8 +34,9 @@ pub struct DatabaseSchema {
     lake_url: ObjectStoreUrl,
     now_ns: i64,
     keyring: Option<Arc<Keyring>>,
-    access: PersonalAccess,
-    row_filters: HashMap<String, Expr>,
+    policy: Arc<dyn AccessPolicy>,
+    extra: HashMap<String, Arc<dyn TableProvider>>,
+    decryption_log: Option<Arc<DecryptionLog>>,
 }
 
 impl DatabaseSchema {
@@ -41,25 +53,29 @@ impl DatabaseSchema {
             lake_url,
             now_ns,
             keyring: None,
-            access: PersonalAccess::Masked,
-            row_filters: HashMap::new(),
+            policy: Arc::new(AllTables::default()),
+            extra: HashMap::new(),
+            decryption_log: None,
         }
     }
 
-    /// Per profiled table, a predicate over stored columns applied before anything else.
-    pub fn with_row_filters(mut self, row_filters: HashMap<String, Expr>) -> Self {
-        self.row_filters = row_filters;
+    /// Shows only the tables `policy` allows, as it allows; decrypts with `keyring`, and
+    /// notes what was decrypted in `log`.
+    pub fn with_policy(
+        mut self,
+        keyring: Option<Arc<Keyring>>,
+        policy: Arc<dyn AccessPolicy>,
+        log: Option<Arc<DecryptionLog>>,
+    ) -> Self {
+        self.keyring = keyring;
+        self.policy = policy;
+        self.decryption_log = log;
         self
     }
 
-    /// Reads personal columns of profiled tables with `access`, decrypting with `keyring`.
-    pub fn with_personal_access(
-        mut self,
-        keyring: Option<Arc<Keyring>>,
-        access: PersonalAccess,
-    ) -> Self {
-        self.keyring = keyring;
-        self.access = access;
+    /// Adds tables that are not in the lake (the audit log for auditors).
+    pub fn with_extra_tables(mut self, extra: HashMap<String, Arc<dyn TableProvider>>) -> Self {
+        self.extra = extra;
         self
     }
 }
@@ -67,17 +83,31 @@ impl DatabaseSchema {
 #[async_trait]
 impl SchemaProvider for DatabaseSchema {
     fn table_names(&self) -> Vec<String> {
-        self.source.tables(&self.db)
+        let mut names: Vec<String> = self
+            .source
+            .tables(&self.db)
+            .into_iter()
+            .filter(|t| self.policy.table(&self.db, t).is_some())
+            .collect();
+        names.extend(self.extra.keys().cloned());
+        names
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        if let Some(t) = self.extra.get(name) {
+            return Ok(Some(t.clone()));
+        }
+        // A table the policy does not grant does not exist for the session.
+        let Some(access) = self.policy.table(&self.db, name) else {
+            return Ok(None);
+        };
         Ok(self.source.snapshot(&self.db, name).map(|snapshot| {
-            let profiled = snapshot.options.has_profile();
+            let secured = snapshot.options.has_profile() || access.restricts();
             let table = LakeTable::new(snapshot, self.lake_url.clone(), self.now_ns);
-            if profiled {
+            if secured {
                 Arc::new(
-                    PersonalTable::new(table, self.keyring.clone(), self.access, self.now_ns)
-                        .with_row_filter(self.row_filters.get(name).cloned()),
+                    PersonalTable::new(table, self.keyring.clone(), access, self.now_ns)
+                        .with_decryption_log(self.decryption_log.clone()),
                 ) as Arc<dyn TableProvider>
             } else {
                 Arc::new(table) as Arc<dyn TableProvider>
@@ -86,6 +116,8 @@ impl SchemaProvider for DatabaseSchema {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.source.tables(&self.db).iter().any(|t| t == name)
+        self.extra.contains_key(name)
+            || (self.policy.table(&self.db, name).is_some()
+                && self.source.tables(&self.db).iter().any(|t| t == name))
     }
 }

@@ -13,7 +13,9 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::{
     CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    TableProvider,
 };
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::cache::cache_manager::{
@@ -24,6 +26,7 @@ use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use futures::{Stream, StreamExt};
 use object_store::ObjectStore;
@@ -31,9 +34,10 @@ use store::TableSource;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
-use crate::catalog::DatabaseSchema;
+use crate::catalog::{AllTables, DatabaseSchema};
 use crate::metrics::QueryMetrics;
 use crate::personal::PersonalAccess;
+use crate::policy::{AccessPolicy, DecryptionLog};
 use crate::sandbox::{self, SandboxError};
 
 /// The URL under which the lake's object store is known to DataFusion. No other store is
@@ -175,13 +179,15 @@ pub struct QueryEngine {
 /// Per-query settings beyond the SQL.
 #[derive(Debug, Clone, Default)]
 pub struct QueryOptions {
-    /// What the query may see of personal columns.
-    pub access: PersonalAccess,
+    /// Which tables the session holds and how it sees them; None = every table, personal
+    /// columns masked.
+    pub policy: Option<Arc<dyn AccessPolicy>>,
+    /// Tables beyond the lake's (the audit log, for auditors).
+    pub extra_tables: HashMap<String, Arc<dyn TableProvider>>,
+    /// Where the query notes what it decrypted.
+    pub decryption_log: Option<Arc<DecryptionLog>>,
     /// The time the query runs at (retention horizons); None = now. For tests and replays.
     pub now_ns: Option<i64>,
-    /// Per table with a privacy profile: a predicate over its stored columns that rows must
-    /// pass before anything else sees them (a barrier below every user expression).
-    pub row_filters: HashMap<String, datafusion::logical_expr::Expr>,
 }
 
 impl QueryEngine {
@@ -259,9 +265,12 @@ impl QueryEngine {
             .build_arc()
             .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
         let lake_url = ObjectStoreUrl::parse(LAKE_URL).expect("a valid constant URL");
+        let policy = seen
+            .policy
+            .unwrap_or_else(|| Arc::new(AllTables(PersonalAccess::Masked)));
         let schema = DatabaseSchema::new(db, self.source.clone(), lake_url, now_ns)
-            .with_personal_access(self.keyring.clone(), seen.access)
-            .with_row_filters(seen.row_filters);
+            .with_policy(self.keyring.clone(), policy, seen.decryption_log)
+            .with_extra_tables(seen.extra_tables);
         let catalog = MemoryCatalogProvider::new();
         catalog
             .register_schema("public", Arc::new(schema))
@@ -310,7 +319,8 @@ impl QueryEngine {
         query_options: QueryOptions,
     ) -> Result<QueryStream, QueryError> {
         sandbox::check(sql)?;
-        if !self.source.databases().iter().any(|d| d == db) {
+        if query_options.extra_tables.is_empty() && !self.source.databases().iter().any(|d| d == db)
+        {
             return Err(QueryError::DatabaseNotFound(db.to_string()));
         }
         let permit = match self.slots.clone().try_acquire_owned() {
@@ -331,9 +341,10 @@ impl QueryEngine {
             .with_allow_statements(false);
         let planned = async {
             let df = ctx.sql_with_options(sql, options).await?;
-            df.execute_stream().await
+            let touched = tables_touched(df.logical_plan());
+            Ok::<_, DataFusionError>((df.execute_stream().await?, touched))
         };
-        let stream = match tokio::time::timeout_at(deadline, planned).await {
+        let (stream, touched) = match tokio::time::timeout_at(deadline, planned).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(QueryError::from_datafusion(e, &self.config)),
             Err(_) => return Err(QueryError::Timeout(self.config.timeout)),
@@ -348,9 +359,37 @@ impl QueryEngine {
             started,
             rows: 0,
             outcome: None,
+            touched,
             _permit: permit,
         })
     }
+}
+
+/// The tables a plan reads (subqueries included) and, per table, the columns it reads.
+fn tables_touched(plan: &LogicalPlan) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            let schema = scan.source.schema();
+            let columns: Vec<String> = match &scan.projection {
+                Some(p) => p.iter().map(|i| schema.field(*i).name().clone()).collect(),
+                None => schema.fields().iter().map(|f| f.name().clone()).collect(),
+            };
+            let table = scan.table_name.table().to_string();
+            match out.iter_mut().find(|(t, _)| *t == table) {
+                Some((_, cols)) => {
+                    for c in columns {
+                        if !cols.contains(&c) {
+                            cols.push(c);
+                        }
+                    }
+                }
+                None => out.push((table, columns)),
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
 }
 
 /// A running query's result. Dropping it cancels the query.
@@ -364,6 +403,7 @@ pub struct QueryStream {
     rows: u64,
     /// Set once the stream has ended, with or without error.
     outcome: Option<Result<(), ()>>,
+    touched: Vec<(String, Vec<String>)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -385,6 +425,11 @@ impl QueryStream {
     /// Rows streamed so far.
     pub fn rows(&self) -> u64 {
         self.rows
+    }
+
+    /// The tables the query reads and, per table, the columns.
+    pub fn touched(&self) -> &[(String, Vec<String>)] {
+        &self.touched
     }
 }
 

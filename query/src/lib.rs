@@ -13,6 +13,7 @@ pub mod functions;
 pub mod lastpoint;
 pub mod metrics;
 pub mod personal;
+pub mod policy;
 pub mod sandbox;
 pub mod table;
 
@@ -20,3 +21,4 @@ pub use engine::{QueryConfig, QueryEngine, QueryError, QueryOptions, QueryStream
 pub use format::OutputFormat;
 pub use metrics::QueryMetrics;
 pub use personal::PersonalAccess;
+pub use policy::{AccessPolicy, ColumnMode, DecryptionLog, RowPolicy, TableAccess, TablePolicies};

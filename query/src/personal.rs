@@ -15,10 +15,12 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::DataFusionError;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{DFSchema, Result};
 use datafusion::datasource::TableType;
 use datafusion::execution::TaskContext;
+use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::filter::FilterExec;
@@ -28,9 +30,10 @@ use datafusion::physical_plan::{
     SendableRecordBatchStream,
 };
 use futures::StreamExt;
-use privacy::{CellError, Keyring, associated_data, decrypt_cell, value_of};
+use privacy::{CellError, Keyring, associated_data, decrypt_cell, key_id_of, value_of};
 use store::{CIPHER_SUFFIX, ColumnType, TIME_COLUMN};
 
+use crate::policy::{ColumnMode, DecryptionLog, RowPolicy, TableAccess, is_plain_comparison};
 use crate::table::LakeTable;
 
 /// What a session may see of personal columns.
@@ -73,22 +76,25 @@ pub struct PersonalTable {
     tags: Vec<usize>,
     time: usize,
     personal_horizon: i64,
-    row_filter: Option<Expr>,
+    /// Rows the session may see: a barrier below every user expression.
+    rows: Option<RowPolicy>,
+    decryption_log: Option<Arc<DecryptionLog>>,
 }
 
 impl PersonalTable {
-    /// Only rows passing `filter` (over stored columns) are read: a barrier applied before
-    /// any user expression sees a row.
-    pub fn with_row_filter(mut self, filter: Option<Expr>) -> Self {
-        self.row_filter = filter;
+    /// Notes in `log` every cell this table's scans decrypt.
+    pub fn with_decryption_log(mut self, log: Option<Arc<DecryptionLog>>) -> Self {
+        self.decryption_log = log;
         self
     }
 
-    /// Wraps `inner` (a profiled table) for a session with `access`, at `now_ns`.
+    /// Wraps `inner` for a session that sees it with `access`, at `now_ns`: personal
+    /// columns of a profiled table masked, pseudonymised, decrypted or absent, and only the
+    /// rows the access allows.
     pub fn new(
         inner: LakeTable,
         keyring: Option<Arc<Keyring>>,
-        access: PersonalAccess,
+        access: TableAccess,
         now_ns: i64,
     ) -> Self {
         let snapshot = inner.snapshot();
@@ -111,36 +117,57 @@ impl PersonalTable {
             if subject_cell || options.subject_of(name).is_some() {
                 continue;
             }
-            let decrypted = (options.subjects.contains_key(name.as_str())
-                && access == PersonalAccess::Clear)
-                .then(|| cell_of(name))
-                .flatten();
-            match decrypted {
-                Some((cell, cell_name)) => {
-                    fields.push(Field::new(name, DataType::Utf8, true));
-                    columns.push(ViewColumn::Decrypted {
+            let is_subject = options.subjects.contains_key(name.as_str());
+            let mode =
+                access
+                    .columns
+                    .get(name)
+                    .copied()
+                    .unwrap_or(match (is_subject, access.default) {
+                        (true, PersonalAccess::Clear) => ColumnMode::Clear,
+                        _ => ColumnMode::Pseudonym,
+                    });
+            let column = match mode {
+                ColumnMode::Deny => continue,
+                ColumnMode::Clear if is_subject => match cell_of(name) {
+                    Some((cell, cell_name)) => ViewColumn::Decrypted {
                         cell,
                         cell_name,
                         value: name.clone(),
-                    });
-                }
-                None => {
-                    fields.push(f.as_ref().clone());
-                    columns.push(ViewColumn::Plain(i));
-                }
-            }
+                    },
+                    None => ViewColumn::Masked,
+                },
+                ColumnMode::Mask => ViewColumn::Masked,
+                // Columns that are not personal are stored in clear: as stored.
+                ColumnMode::Clear | ColumnMode::Pseudonym => ViewColumn::Plain(i),
+            };
+            fields.push(match column {
+                ViewColumn::Plain(_) => f.as_ref().clone(),
+                _ => Field::new(name, DataType::Utf8, true),
+            });
+            columns.push(column);
         }
         for (subject, personal) in &options.subjects {
             for p in personal {
-                fields.push(Field::new(p, DataType::Utf8, true));
-                columns.push(match (access, cell_of(subject)) {
-                    (PersonalAccess::Clear, Some((cell, cell_name))) => ViewColumn::Decrypted {
+                let mode = access
+                    .columns
+                    .get(p)
+                    .copied()
+                    .unwrap_or(match access.default {
+                        PersonalAccess::Clear => ColumnMode::Clear,
+                        PersonalAccess::Masked => ColumnMode::Mask,
+                    });
+                let column = match (mode, cell_of(subject)) {
+                    (ColumnMode::Deny, _) => continue,
+                    (ColumnMode::Clear, Some((cell, cell_name))) => ViewColumn::Decrypted {
                         cell,
                         cell_name,
                         value: p.clone(),
                     },
                     _ => ViewColumn::Masked,
-                });
+                };
+                fields.push(Field::new(p, DataType::Utf8, true));
+                columns.push(column);
             }
         }
         let tags = snapshot
@@ -160,9 +187,17 @@ impl PersonalTable {
             tags,
             time,
             personal_horizon,
-            row_filter: None,
+            rows: access.rows,
+            decryption_log: None,
             inner,
         }
+    }
+
+    /// Whether any column of the view is decrypted.
+    pub fn decrypts(&self) -> bool {
+        self.columns
+            .iter()
+            .any(|c| matches!(c, ViewColumn::Decrypted { .. }))
     }
 
     fn is_plain(&self, name: &str) -> bool {
@@ -187,11 +222,13 @@ impl TableProvider for PersonalTable {
         filters: &[&Expr],
     ) -> Result<Vec<TableProviderFilterPushDown>> {
         // Only filters on columns as stored may reach the files; a filter on a decrypted or
-        // masked column runs above this table, on what the session sees.
+        // masked column runs above this table, on what the session sees. Below a row
+        // policy, only plain comparisons with literals, which cannot fail on a hidden row.
         Ok(filters
             .iter()
             .map(|f| {
-                if f.column_refs().iter().all(|c| self.is_plain(&c.name)) {
+                let plain = f.column_refs().iter().all(|c| self.is_plain(&c.name));
+                if plain && (self.rows.is_none() || is_plain_comparison(f)) {
                     TableProviderFilterPushDown::Inexact
                 } else {
                     TableProviderFilterPushDown::Unsupported
@@ -230,7 +267,21 @@ impl TableProvider for PersonalTable {
             inner.push(self.time);
         }
         let stored = self.inner.schema();
-        if let Some(f) = &self.row_filter {
+        let table = self.inner.snapshot().table.clone();
+        let barrier = match &self.rows {
+            None => None,
+            Some(rows) => {
+                let session = state
+                    .as_any()
+                    .downcast_ref::<SessionState>()
+                    .ok_or_else(|| {
+                        DataFusionError::Internal("a row policy needs a SessionState".into())
+                    })?;
+                let df_schema = DFSchema::try_from(stored.clone())?;
+                Some(rows.to_expr(session, &table, &df_schema)?)
+            }
+        };
+        if let Some(f) = &barrier {
             for c in f.column_refs() {
                 inner.push(stored.index_of(&c.name)?);
             }
@@ -260,7 +311,7 @@ impl TableProvider for PersonalTable {
             .filter(|t| inner.contains(t))
             .map(|t| (stored.field(*t).name().clone(), at(*t)))
             .collect();
-        let input = match &self.row_filter {
+        let input = match &barrier {
             None => self.inner.scan(state, Some(&inner), filters, limit).await?,
             Some(barrier) => {
                 // The barrier's own columns may prune files; the limit must wait for it.
@@ -269,7 +320,16 @@ impl TableProvider for PersonalTable {
                 let input = self.inner.scan(state, Some(&inner), &pruning, None).await?;
                 let df_schema = DFSchema::try_from(input.schema())?;
                 let predicate = state.create_physical_expr(barrier.clone(), &df_schema)?;
-                Arc::new(FilterExec::try_new(predicate, input)?) as Arc<dyn ExecutionPlan>
+                let filtered = Arc::new(FilterExec::try_new(predicate, input)?);
+                // The secured scan is a leaf of the session's plan (nothing above reaches
+                // into it, EXPLAIN shows no policy), so it is optimised here.
+                let mut plan: Arc<dyn ExecutionPlan> = filtered;
+                if let Some(session) = state.as_any().downcast_ref::<SessionState>() {
+                    for rule in session.physical_optimizers() {
+                        plan = rule.optimize(plan, session.config_options())?;
+                    }
+                }
+                plan
             }
         };
         let schema = Arc::new(Schema::new(
@@ -278,6 +338,7 @@ impl TableProvider for PersonalTable {
                 .map(|&v| self.view.field(v).clone())
                 .collect::<Vec<_>>(),
         ));
+        let secured = barrier.is_some().then_some(table);
         Ok(Arc::new(PersonalExec::new(
             input,
             schema,
@@ -288,7 +349,9 @@ impl TableProvider for PersonalTable {
                 series,
                 time: inner.iter().position(|x| *x == self.time),
                 personal_horizon: self.personal_horizon,
+                log: self.decryption_log.clone(),
             }),
+            secured,
         )))
     }
 }
@@ -308,6 +371,7 @@ struct Decryptor {
     series: Vec<(String, usize)>,
     time: Option<usize>,
     personal_horizon: i64,
+    log: Option<Arc<DecryptionLog>>,
 }
 
 impl Decryptor {
@@ -402,6 +466,7 @@ impl Decryptor {
         let mut out = Vec::with_capacity(rows);
         let mut aad = Vec::with_capacity(128);
         let mut tampered = 0;
+        let mut used: Vec<u64> = Vec::new();
         for row in 0..rows {
             if cells.is_null(row) || time.is_null(row) || time.value(row) < self.personal_horizon {
                 out.push(None);
@@ -414,7 +479,12 @@ impl Decryptor {
             associated_data(&mut aad, &self.scope, column, series, time.value(row));
             out.push(
                 match decrypt_cell(cells.value(row), &aad, |id| keys.get(id)) {
-                    Ok(plain) => Some(plain),
+                    Ok(plain) => {
+                        if let Some(id) = key_id_of(cells.value(row)) {
+                            used.push(id);
+                        }
+                        Some(plain)
+                    }
                     Err(CellError::KeyGone) => None,
                     Err(CellError::Tampered | CellError::Malformed) => {
                         tampered += 1;
@@ -422,6 +492,12 @@ impl Decryptor {
                     }
                 },
             );
+        }
+        if let Some(log) = &self.log {
+            let cells = used.len() as u64;
+            used.sort_unstable();
+            used.dedup();
+            log.record(used, cells);
         }
         (out, tampered)
     }
@@ -434,10 +510,18 @@ pub struct PersonalExec {
     schema: SchemaRef,
     decryptor: Arc<Decryptor>,
     properties: Arc<PlanProperties>,
+    /// Behind a row policy: the table's name, and the input is hidden from the plan (a
+    /// leaf: no optimiser rule reaches below the barrier, EXPLAIN shows no policy).
+    secured: Option<String>,
 }
 
 impl PersonalExec {
-    fn new(input: Arc<dyn ExecutionPlan>, schema: SchemaRef, decryptor: Arc<Decryptor>) -> Self {
+    fn new(
+        input: Arc<dyn ExecutionPlan>,
+        schema: SchemaRef,
+        decryptor: Arc<Decryptor>,
+        secured: Option<String>,
+    ) -> Self {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             input.output_partitioning().clone(),
@@ -449,13 +533,17 @@ impl PersonalExec {
             schema,
             decryptor,
             properties: Arc::new(properties),
+            secured,
         }
     }
 }
 
 impl DisplayAs for PersonalExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "PersonalExec: personal columns masked or decrypted")
+        match &self.secured {
+            Some(table) => write!(f, "SecuredScan: table={table}"),
+            None => write!(f, "PersonalExec: personal columns masked or decrypted"),
+        }
     }
 }
 
@@ -469,7 +557,10 @@ impl ExecutionPlan for PersonalExec {
     }
 
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
+        match self.secured {
+            Some(_) => vec![],
+            None => vec![&self.input],
+        }
     }
 
     fn apply_expressions(
@@ -483,10 +574,14 @@ impl ExecutionPlan for PersonalExec {
         self: Arc<Self>,
         mut children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            return Ok(self);
+        }
         Ok(Arc::new(PersonalExec::new(
             children.swap_remove(0),
             self.schema.clone(),
             self.decryptor.clone(),
+            self.secured.clone(),
         )))
     }
 
@@ -506,7 +601,7 @@ impl ExecutionPlan for PersonalExec {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashMap};
 
     use arrow::array::{StringDictionaryBuilder, TimestampNanosecondArray, UInt64Array};
     use arrow::datatypes::Int32Type;
@@ -624,10 +719,13 @@ mod tests {
         let table = PersonalTable::new(
             LakeTable::new(f.snapshot.clone(), lake, NOW),
             Some(f.keyring.clone()),
-            access,
+            TableAccess {
+                default: access,
+                columns: HashMap::new(),
+                rows: filter.map(RowPolicy::Expr),
+            },
             NOW,
-        )
-        .with_row_filter(filter);
+        );
         let ctx = SessionContext::new();
         ctx.register_table("mes", Arc::new(table)).unwrap();
         ctx.sql(sql).await.unwrap().collect().await.unwrap()

@@ -14,6 +14,19 @@ pub struct Server {
     pub config_path: PathBuf,
     pub extra_env: Vec<(String, String)>,
     pub log_path: PathBuf,
+    /// The admin token the server wrote at its first start.
+    pub token: String,
+    dpo_token: std::sync::OnceLock<String>,
+}
+
+/// A client that sends `token` with every request.
+pub fn authed(builder: reqwest::ClientBuilder, token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    builder.default_headers(headers).build().unwrap()
 }
 
 /// The Python interpreter with duckdb, pyarrow and moto, installed by `.ci/run`.
@@ -50,6 +63,8 @@ impl Server {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log_path: data_dir.join("server.log"),
+            token: String::new(),
+            dpo_token: std::sync::OnceLock::new(),
         };
         s.spawn();
         s
@@ -101,10 +116,70 @@ impl Server {
             }
         });
         self.child = Some(child);
+        self.token = std::fs::read_to_string(self.data_dir.join("admin-token"))
+            .expect("the server writes its admin token at first start")
+            .trim()
+            .to_string();
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A client with the admin token.
+    pub fn client(&self) -> reqwest::Client {
+        authed(reqwest::Client::builder(), &self.token)
+    }
+
+    /// A client with the admin token and a request timeout.
+    pub fn client_with_timeout(&self, timeout: Duration) -> reqwest::Client {
+        authed(reqwest::Client::builder().timeout(timeout), &self.token)
+    }
+
+    /// A new token of `role` with `attributes` (`key=v1,v2`), made offline on the data
+    /// directory with `historian token create --data-dir` as plant IT would.
+    pub fn token_for(&self, role: &str, attributes: &[&str]) -> String {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_historian"));
+        cmd.args([
+            "token",
+            "create",
+            "--role",
+            role,
+            "--name",
+            role,
+            "--data-dir",
+        ])
+        .arg(&self.data_dir);
+        for a in attributes {
+            cmd.args(["--attr", a]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A client with a token of the dpo role (made once).
+    pub fn dpo(&self) -> reqwest::Client {
+        let token = self.dpo_token.get_or_init(|| self.token_for("dpo", &[]));
+        self.client_as(token)
+    }
+
+    /// A client with `token`.
+    pub fn client_as(&self, token: &str) -> reqwest::Client {
+        authed(reqwest::Client::builder(), token)
+    }
+
+    /// `historian <args>` as a client of this server (URL and admin token in its
+    /// environment).
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_historian"));
+        cmd.env("HISTORIAN_URL", format!("http://{}", self.addr))
+            .env("HISTORIAN_TOKEN", &self.token);
+        cmd
     }
 
     pub fn pid(&self) -> u32 {
@@ -259,7 +334,8 @@ pub fn run_python(script: &str, args: &[&str]) -> String {
 
 /// Runs a query on `/api/v3/query_sql`; returns status, content type and body.
 pub async fn query(server: &Server, db: &str, sql: &str, format: &str) -> (u16, String, Vec<u8>) {
-    let resp = reqwest::Client::new()
+    let resp = server
+        .client()
         .get(server.url("/api/v3/query_sql"))
         .query(&[("db", db), ("q", sql), ("format", format)])
         .send()
