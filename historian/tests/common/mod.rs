@@ -102,7 +102,11 @@ impl Server {
                 let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
                 panic!("historian exited before listening; log:\n{log}");
             }
-            if let Some(addr) = line.trim().strip_prefix("historian listening on http://") {
+            let line = line.trim();
+            if let Some(addr) = line
+                .strip_prefix("historian listening on http://")
+                .or_else(|| line.strip_prefix("historian listening on https://"))
+            {
                 self.addr = addr.to_string();
                 break;
             }
