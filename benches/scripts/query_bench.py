@@ -11,6 +11,7 @@ import os
 import statistics
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import duckdb
@@ -70,12 +71,17 @@ def queries(duckdb_dialect):
     return q
 
 
-def historian(url, db, sql):
+def historian(url, db, sql, token=None):
     body = json.dumps({"db": db, "q": sql, "format": "arrow"}).encode()
+    token = token or os.environ.get("HISTORIAN_TOKEN", "")
     req = urllib.request.Request(f"{url}/api/v3/query_sql", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        data = resp.read()
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            data = resp.read()
+    except urllib.error.HTTPError as e:
+        sys.exit(f"{e.code} for {sql!r}: {e.read().decode(errors='replace')}")
     return pyarrow.ipc.open_stream(data).read_all().num_rows
 
 
@@ -109,6 +115,25 @@ def compare(args):
         worst.append((ratio, name))
         print(f"| {name} | {h_rows} | {h_ms:.1f} | {d_ms:.1f} | {ratio:.2f} |", flush=True)
     print(f"\nslowest relative to DuckDB: {max(worst)[1]} ({max(worst)[0]:.2f}x)", file=sys.stderr)
+
+
+def policy(args):
+    """The TSBS set as admin and as a policy-restricted role, interleaved per query."""
+    ours = queries(False)
+    print("| query | rows | admin ms | restricted role ms | ratio |")
+    print("|---|---|---|---|---|")
+    total_admin = total_role = 0.0
+    for name, sql in ours.items():
+        a_ms, a_rows = timed(lambda: historian(args.url, args.db, sql), args.runs)
+        r_ms, r_rows = timed(lambda: historian(args.url, args.db, sql, args.policy_token), args.runs)
+        if a_rows != r_rows:
+            print(f"{name}: admin got {a_rows} rows, the role {r_rows}", file=sys.stderr)
+            sys.exit(1)
+        total_admin += a_ms
+        total_role += r_ms
+        print(f"| {name} | {a_rows} | {a_ms:.1f} | {r_ms:.1f} | {r_ms / a_ms:.2f} |", flush=True)
+    print(f"| all (sum of medians) | | {total_admin:.1f} | {total_role:.1f} | "
+          f"{total_role / total_admin:.2f} |")
 
 
 def under_load(args):
@@ -150,8 +175,14 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--under-load", action="store_true")
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--policy-token", help="compare admin with this token's role")
     args = ap.parse_args()
-    under_load(args) if args.under_load else compare(args)
+    if args.policy_token:
+        policy(args)
+    elif args.under_load:
+        under_load(args)
+    else:
+        compare(args)
 
 
 if __name__ == "__main__":

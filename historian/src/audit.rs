@@ -755,6 +755,49 @@ mod tests {
         assert_eq!(sealed.sql.as_deref(), Some("SELEC 'Ann'"));
     }
 
+    fn local_lake(dir: &Path) -> Arc<dyn ObjectStore> {
+        let root = dir.join("lake");
+        std::fs::create_dir_all(&root).unwrap();
+        Arc::new(object_store::local::LocalFileSystem::new_with_prefix(root).unwrap())
+    }
+
+    fn query_event(i: u64) -> AuditEvent {
+        AuditEvent {
+            fields: AuditFields {
+                kind: "query".into(),
+                sql: Some(format!("SELECT {i}")),
+                outcome: "ok".into(),
+                ..AuditFields::default()
+            },
+            ..AuditEvent::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_removes_old_segments_and_the_rest_still_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = local_lake(dir.path());
+        let prefix = ObjectPath::from("audit");
+        let local = dir.path().join("audit");
+        let log = AuditLog::open(&local, lake.clone(), prefix.clone(), Some(Duration::ZERO))
+            .await
+            .unwrap();
+        for i in 0..9 {
+            log.append(query_event(i)).unwrap();
+            if i % 3 == 2 {
+                log.ship().await.unwrap();
+            }
+        }
+        // Every segment but the newest is past a zero retention.
+        let left = list_segments(&lake, &prefix).await.unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!((left[0].first, left[0].last), (7, 9));
+        let report = verify(&local, &lake, &prefix).await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.range, Some((7, 9)));
+        assert_eq!(log.records().await.unwrap().len(), 3);
+    }
+
     #[tokio::test]
     async fn a_clean_chain_verifies_and_sealed_parts_open() {
         let dir = tempfile::tempdir().unwrap();

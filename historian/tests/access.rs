@@ -46,6 +46,10 @@ columns = { operator_id = "clear", operator_name = "clear", badge_id = "deny" }
 
 [roles.collector.tables.machine]
 write = true
+
+[roles.hot.tables.machine]
+read = true
+rows = "temperature > 80.0"
 "#;
 
 /// A server with the keyring initialised, machine data on lines L1 and L2 (the hidden L2
@@ -214,6 +218,12 @@ async fn row_and_column_policies_hold_under_adversarial_sql() {
         strings(&ok(s, &l2, "SELECT line FROM machine").await, "line"),
         ["L2", "L2"]
     );
+    // A list attribute with several values.
+    let both = server.client_as(&server.token_for("supervisor", &["lines=L1,L2"]));
+    assert_eq!(
+        scalar(s, &both, "SELECT count(*) FROM machine").await,
+        json!(4)
+    );
 
     for (q, want) in [
         // Statistics of the Parquet files must not answer past the policy.
@@ -284,6 +294,15 @@ async fn row_and_column_policies_hold_under_adversarial_sql() {
             json!("m1"),
         ),
         ("SELECT count(DISTINCT line) FROM machine", json!(1)),
+        // The latest row per series (the lastpoint fast path) under the policy.
+        (
+            "SELECT count(*) FROM (SELECT DISTINCT ON (machine) * FROM machine ORDER BY machine, time DESC)",
+            json!(2),
+        ),
+        (
+            "SELECT max(machine) FROM (SELECT DISTINCT ON (machine) machine FROM machine ORDER BY machine, time DESC)",
+            json!("m2"),
+        ),
         ("SELECT count(DISTINCT machine) FROM machine", json!(2)),
         // Case and quoting variants resolve to the same secured table.
         ("SELECT count(*) FROM MACHINE", json!(2)),
@@ -384,6 +403,16 @@ async fn row_and_column_policies_hold_under_adversarial_sql() {
         .await,
         json!(1)
     );
+
+    // A policy over a field: the lastpoint fast path falls back to every visible row.
+    let hot = server.client_as(&server.token_for("hot", &[]));
+    let latest = ok(
+        s,
+        &hot,
+        "SELECT DISTINCT ON (machine) machine, temperature FROM machine ORDER BY machine, time DESC",
+    )
+    .await;
+    assert_eq!(strings(&latest, "machine"), ["m3", "m4"]);
 
     // A token whose role needs an attribute it lacks is refused, never widened.
     let bare = server.client_as(&server.token_for("supervisor", &[]));

@@ -17,7 +17,7 @@ use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::Transformed;
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{DFSchema, DataFusionError, Result};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableType, provider_as_source, source_as_provider};
 use datafusion::logical_expr::{
@@ -34,6 +34,7 @@ use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStream
 use store::dedup::{align, concat_aligned, is_key, is_tag, sort_dedup};
 use store::{FileMeta, SEQ_COLUMN, TIME_COLUMN};
 
+use crate::personal::PersonalTable;
 use crate::table::LakeTable;
 
 /// Rows at which the tag key changes, over consecutive batches of one sorted stream.
@@ -198,6 +199,9 @@ async fn file_candidates(
 #[derive(Debug)]
 pub struct LastPointTable {
     table: Arc<LakeTable>,
+    /// The secured view the query named (a [`PersonalTable`]), when it has one: its row
+    /// policy applies.
+    secured: Option<Arc<dyn TableProvider>>,
 }
 
 #[async_trait]
@@ -224,9 +228,28 @@ impl TableProvider for LastPointTable {
         &self,
         state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
+        filters: &[Expr],
+        limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut barrier = None;
+        if let Some(provider) = &self.secured {
+            let secured = provider
+                .downcast_ref::<PersonalTable>()
+                .ok_or_else(|| DataFusionError::Internal("not a secured view".into()))?;
+            // The latest visible row of a series is its latest row only if the policy
+            // keeps or drops whole series (a predicate over tags); otherwise the
+            // aggregate above gets every visible row, as without the fast path.
+            barrier = secured.barrier(state)?;
+            let tags: BTreeSet<&str> = self.table.snapshot().schema.tags().collect();
+            let per_series = barrier.as_ref().is_none_or(|b| {
+                b.column_refs()
+                    .iter()
+                    .all(|c| tags.contains(c.name.as_str()))
+            });
+            if !per_series {
+                return secured.scan(state, projection, filters, limit).await;
+            }
+        }
         let stored = self.table.snapshot().schema.arrow_schema();
         let user: Vec<usize> = match projection {
             Some(p) => p.clone(),
@@ -257,7 +280,18 @@ impl TableProvider for LastPointTable {
         }
         let all = concat_aligned(&candidates, &target)?;
         let latest = last_per_series(&sort_dedup(&all)?)?;
-        let latest = store::dedup::filter_horizon(&latest, horizon)?;
+        let mut latest = store::dedup::filter_horizon(&latest, horizon)?;
+        if let Some(barrier) = barrier {
+            // Tags are among the columns read, so the policy is evaluated here.
+            let schema = DFSchema::try_from(latest.schema())?;
+            let predicate = state.create_physical_expr(barrier, &schema)?;
+            let keep = predicate.evaluate(&latest)?.into_array(latest.num_rows())?;
+            let keep = keep
+                .as_any()
+                .downcast_ref::<arrow::array::BooleanArray>()
+                .ok_or_else(|| DataFusionError::Internal("a row policy is not boolean".into()))?;
+            latest = arrow::compute::filter_record_batch(&latest, keep)?;
+        }
         let positions: Vec<usize> = user
             .iter()
             .map(|u| cols.iter().position(|c| c == u).unwrap_or_default())
@@ -329,15 +363,23 @@ impl OptimizerRule for LastPointRule {
         let Ok(provider) = source_as_provider(&scan.source) else {
             return Ok(Transformed::no(plan));
         };
-        let Some(table) = provider.downcast_ref::<LakeTable>() else {
+        let (table, secured) = if let Some(t) = provider.downcast_ref::<LakeTable>() {
+            (t.clone(), None)
+        } else if let Some(p) = provider.downcast_ref::<PersonalTable>()
+            && p.is_transparent()
+        {
+            // A secured view that shows every stored column as stored (a row policy
+            // only): the fast path with the policy applied to its result.
+            (p.lake_table().clone(), Some(provider.clone()))
+        } else {
             return Ok(Transformed::no(plan));
         };
-        if !is_lastpoint(agg, scan, table) {
+        if !is_lastpoint(agg, scan, &table) {
             return Ok(Transformed::no(plan));
         }
-        let table = Arc::new(table.clone());
+        let table = Arc::new(table);
         let new_scan = TableScan {
-            source: provider_as_source(Arc::new(LastPointTable { table })),
+            source: provider_as_source(Arc::new(LastPointTable { table, secured })),
             ..scan.clone()
         };
         let new_agg = Aggregate::try_new_with_schema(

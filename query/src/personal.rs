@@ -193,6 +193,36 @@ impl PersonalTable {
         }
     }
 
+    /// The table as stored.
+    pub fn lake_table(&self) -> &LakeTable {
+        &self.inner
+    }
+
+    /// Whether the view shows every stored column as stored, in order (a table without a
+    /// profile, read under a row policy only).
+    pub fn is_transparent(&self) -> bool {
+        self.columns.len() == self.inner.schema().fields().len()
+            && self
+                .columns
+                .iter()
+                .enumerate()
+                .all(|(at, c)| matches!(c, ViewColumn::Plain(i) if *i == at))
+    }
+
+    /// The row policy as an expression over the stored columns, for this session.
+    pub fn barrier(&self, state: &dyn Session) -> Result<Option<Expr>> {
+        let Some(rows) = &self.rows else {
+            return Ok(None);
+        };
+        let session = state
+            .as_any()
+            .downcast_ref::<SessionState>()
+            .ok_or_else(|| DataFusionError::Internal("a row policy needs a SessionState".into()))?;
+        let df_schema = DFSchema::try_from(self.inner.schema())?;
+        let table = &self.inner.snapshot().table;
+        Ok(Some(rows.to_expr(session, table, &df_schema)?))
+    }
+
     /// Whether any column of the view is decrypted.
     pub fn decrypts(&self) -> bool {
         self.columns
@@ -268,19 +298,7 @@ impl TableProvider for PersonalTable {
         }
         let stored = self.inner.schema();
         let table = self.inner.snapshot().table.clone();
-        let barrier = match &self.rows {
-            None => None,
-            Some(rows) => {
-                let session = state
-                    .as_any()
-                    .downcast_ref::<SessionState>()
-                    .ok_or_else(|| {
-                        DataFusionError::Internal("a row policy needs a SessionState".into())
-                    })?;
-                let df_schema = DFSchema::try_from(stored.clone())?;
-                Some(rows.to_expr(session, &table, &df_schema)?)
-            }
-        };
+        let barrier = self.barrier(state)?;
         if let Some(f) = &barrier {
             for c in f.column_refs() {
                 inner.push(stored.index_of(&c.name)?);

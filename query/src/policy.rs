@@ -147,7 +147,7 @@ impl RowPolicy {
                 .get(name)
                 .ok_or_else(|| policy_error(table, &format!("the caller has no attribute {name}")))
         };
-        let bound = parsed.transform_up(|e| match e {
+        let bound = parsed.transform_down(|e| match e {
             Expr::InList(InList {
                 expr,
                 list,
@@ -169,6 +169,25 @@ impl RowPolicy {
                 Ok(Transformed::yes(Expr::InList(InList {
                     expr,
                     list: values,
+                    negated,
+                })))
+            }
+            // The planner turns `x IN ($list)` into `x = $list`: a list stays a list.
+            Expr::BinaryExpr(b)
+                if matches!(b.op, Operator::Eq | Operator::NotEq)
+                    && matches!(b.right.as_ref(), Expr::Placeholder(_)) =>
+            {
+                let Expr::Placeholder(p) = b.right.as_ref() else {
+                    unreachable!("matched above")
+                };
+                let list: Vec<Expr> = value_of(&p.id)?.iter().map(|v| lit(v.clone())).collect();
+                let negated = b.op == Operator::NotEq;
+                if list.is_empty() {
+                    return Ok(Transformed::yes(lit(negated)));
+                }
+                Ok(Transformed::yes(Expr::InList(InList {
+                    expr: b.left,
+                    list,
                     negated,
                 })))
             }
