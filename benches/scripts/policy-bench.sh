@@ -20,7 +20,8 @@ SERVER_PID=""
 trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 URL=http://127.0.0.1:18183
 
-metric() { curl -s -H "Authorization: Bearer $HISTORIAN_TOKEN" "$URL/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+# shellcheck source=tsbs-lake.sh
+source benches/scripts/tsbs-lake.sh
 
 cat > "$WORK/historian.toml" <<TOML
 [persist]
@@ -38,18 +39,7 @@ export HISTORIAN_TOKEN="$(cat "$WORK/data/admin-token")"
 ROLE_TOKEN="$("$BIN/historian" token create --data-dir "$WORK/data" --role analyst --name bench \
     --attr regions=us-east-1,us-west-1,us-west-2,eu-west-1,eu-central-1,ap-southeast-1,ap-southeast-2,ap-northeast-1,sa-east-1)"
 
-echo "== loading $ROWS rows" >&2
-"$BIN/historian-loadgen" --url "$URL" --endpoint "/api/v3/write_lp?db=bench" \
-    --connections 8 --batch-size 5000 --hosts 1000 --interval 10s \
-    --start 2026-01-01T00:00:00Z --rows "$ROWS" >&2
-echo "== waiting for flushes and compaction" >&2
-until [ "$(metric historian_buffer_rows)" = "0" ]; do sleep 1; done
-last=""; stable=0
-while [ "$stable" -lt 15 ]; do
-    now="$(metric historian_files)/$(metric historian_files_compacted_total)"
-    if [ "$now" = "$last" ]; then stable=$((stable + 1)); else stable=0; last="$now"; fi
-    sleep 1
-done
+load_tsbs
 
 echo "== TSBS queries: admin vs the analyst role, median of $RUNS" >&2
 "$PY" benches/scripts/query_bench.py --url "$URL" --runs "$RUNS" --policy-token "$ROLE_TOKEN"

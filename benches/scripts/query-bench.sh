@@ -21,7 +21,8 @@ SERVER_PID=""
 trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 URL=http://127.0.0.1:18181
 
-metric() { curl -s -H "Authorization: Bearer $HISTORIAN_TOKEN" "$URL/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+# shellcheck source=tsbs-lake.sh
+source benches/scripts/tsbs-lake.sh
 rss_mib() { awk '/VmRSS/ { printf "%d", $2 / 1024 }' "/proc/$SERVER_PID/status"; }
 
 cat > "$WORK/historian.toml" <<TOML
@@ -37,18 +38,7 @@ for _ in $(seq 1 100); do curl -sf "$URL/health" > /dev/null && break; sleep 0.1
 # The admin token the server wrote at its first start: loadgen and curl send it.
 export HISTORIAN_TOKEN="$(cat "$WORK/data/admin-token")"
 
-echo "== loading $ROWS rows" >&2
-"$BIN/historian-loadgen" --url "$URL" --endpoint "/api/v3/write_lp?db=bench" \
-    --connections 8 --batch-size 5000 --hosts 1000 --interval 10s \
-    --start 2026-01-01T00:00:00Z --rows "$ROWS" >&2
-echo "== waiting for flushes and compaction" >&2
-until [ "$(metric historian_buffer_rows)" = "0" ]; do sleep 1; done
-last=""; stable=0
-while [ "$stable" -lt 15 ]; do
-    now="$(metric historian_files)/$(metric historian_files_compacted_total)"
-    if [ "$now" = "$last" ]; then stable=$((stable + 1)); else stable=0; last="$now"; fi
-    sleep 1
-done
+load_tsbs
 "$PY" - "$WORK/data/lake" > "$WORK/files.json" <<'PY'
 import json, os, sys
 lake = sys.argv[1]

@@ -22,6 +22,8 @@ use datafusion::datasource::TableType;
 use datafusion::execution::TaskContext;
 use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_expr::expressions::{Column, Literal};
+use datafusion::physical_expr::projection::ProjectionMapping;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -254,12 +256,13 @@ impl TableProvider for PersonalTable {
         // Only filters on columns as stored may reach the files; a filter on a decrypted or
         // masked column runs above this table, on what the session sees. Below a row
         // policy, only plain comparisons with literals, which cannot fail on a hidden row.
+        // Those that pass are applied here, exactly, together with the policy.
         Ok(filters
             .iter()
             .map(|f| {
                 let plain = f.column_refs().iter().all(|c| self.is_plain(&c.name));
                 if plain && (self.rows.is_none() || is_plain_comparison(f)) {
-                    TableProviderFilterPushDown::Inexact
+                    TableProviderFilterPushDown::Exact
                 } else {
                     TableProviderFilterPushDown::Unsupported
                 }
@@ -299,7 +302,8 @@ impl TableProvider for PersonalTable {
         let stored = self.inner.schema();
         let table = self.inner.snapshot().table.clone();
         let barrier = self.barrier(state)?;
-        if let Some(f) = &barrier {
+        // The barrier and the filters are evaluated on the stored rows: read their columns.
+        for f in barrier.iter().chain(filters) {
             for c in f.column_refs() {
                 inner.push(stored.index_of(&c.name)?);
             }
@@ -329,16 +333,24 @@ impl TableProvider for PersonalTable {
             .filter(|t| inner.contains(t))
             .map(|t| (stored.field(*t).name().clone(), at(*t)))
             .collect();
+        // The filters (plain, see above) and the barrier prune files and row groups, and
+        // are applied exactly right above the stored rows.
+        let mut pruning = filters.to_vec();
+        pruning.extend(barrier.iter().cloned());
+        let exact = |input: Arc<dyn ExecutionPlan>| -> Result<Arc<dyn ExecutionPlan>> {
+            let Some(all) = datafusion::logical_expr::utils::conjunction(pruning.clone()) else {
+                return Ok(input);
+            };
+            let df_schema = DFSchema::try_from(input.schema())?;
+            let predicate = state.create_physical_expr(all, &df_schema)?;
+            Ok(Arc::new(FilterExec::try_new(predicate, input)?))
+        };
         let input = match &barrier {
-            None => self.inner.scan(state, Some(&inner), filters, limit).await?,
-            Some(barrier) => {
-                // The barrier's own columns may prune files; the limit must wait for it.
-                let mut pruning = filters.to_vec();
-                pruning.push(barrier.clone());
+            None => exact(self.inner.scan(state, Some(&inner), filters, limit).await?)?,
+            Some(_) => {
+                // The limit must wait for the barrier.
                 let input = self.inner.scan(state, Some(&inner), &pruning, None).await?;
-                let df_schema = DFSchema::try_from(input.schema())?;
-                let predicate = state.create_physical_expr(barrier.clone(), &df_schema)?;
-                let filtered = Arc::new(FilterExec::try_new(predicate, input)?);
+                let filtered = exact(input)?;
                 // The secured scan is a leaf of the session's plan (nothing above reaches
                 // into it, EXPLAIN shows no policy), so it is optimised here.
                 let mut plan: Arc<dyn ExecutionPlan> = filtered;
@@ -521,6 +533,37 @@ impl Decryptor {
     }
 }
 
+/// What the view keeps of its input's orderings and equivalences: columns shown as stored
+/// keep theirs (so sorted scans stay sorted for the plan above), masked ones are constant
+/// NULL. Decrypted columns are known to nothing, so a view with one keeps nothing.
+fn view_equivalences(
+    input: &Arc<dyn ExecutionPlan>,
+    schema: &SchemaRef,
+    outputs: &[ViewColumn],
+) -> EquivalenceProperties {
+    let unknown = || EquivalenceProperties::new(schema.clone());
+    if outputs
+        .iter()
+        .any(|c| matches!(c, ViewColumn::Decrypted { .. }))
+    {
+        return unknown();
+    }
+    let input_schema = input.schema();
+    let exprs = outputs.iter().zip(schema.fields()).map(|(c, f)| {
+        let expr: Arc<dyn PhysicalExpr> = match c {
+            ViewColumn::Plain(i) => Arc::new(Column::new(input_schema.field(*i).name(), *i)),
+            _ => Arc::new(Literal::new(datafusion::common::ScalarValue::Utf8(None))),
+        };
+        (expr, f.name().clone())
+    });
+    match ProjectionMapping::try_new(exprs, &input_schema) {
+        Ok(mapping) => input
+            .equivalence_properties()
+            .project(&mapping, schema.clone()),
+        Err(_) => unknown(),
+    }
+}
+
 /// Applies a [`Decryptor`] to every batch of its input.
 #[derive(Debug)]
 pub struct PersonalExec {
@@ -541,7 +584,7 @@ impl PersonalExec {
         secured: Option<String>,
     ) -> Self {
         let properties = PlanProperties::new(
-            EquivalenceProperties::new(schema.clone()),
+            view_equivalences(&input, &schema, &decryptor.outputs),
             input.output_partitioning().clone(),
             input.pipeline_behavior(),
             input.boundedness(),
