@@ -25,6 +25,9 @@ use crate::token::{Refusal, TokenStore};
 const MAX_FAILURES: u32 = 10;
 /// The window of [`MAX_FAILURES`].
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// A token's use from one address is audited as a login at most this often: HTTP has no
+/// sessions, and a record per request would flood the log at ingest rates.
+const LOGIN_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -162,6 +165,8 @@ pub struct Auth {
     /// Where failures are recorded.
     pub audit: Arc<AuditLog>,
     limiter: FailureLimiter,
+    /// When each (token, address) last logged in.
+    logins: Mutex<HashMap<(String, IpAddr), Instant>>,
 }
 
 impl Auth {
@@ -172,6 +177,24 @@ impl Auth {
             roles,
             audit,
             limiter: FailureLimiter::default(),
+            logins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether this use of a token is a login: its first from this address in
+    /// [`LOGIN_INTERVAL`].
+    fn is_login(&self, token_id: &str, ip: IpAddr) -> bool {
+        let mut logins = self.logins.lock();
+        if logins.len() > 100_000 {
+            logins.retain(|_, at| at.elapsed() < LOGIN_INTERVAL);
+        }
+        let key = (token_id.to_string(), ip);
+        match logins.get(&key) {
+            Some(at) if at.elapsed() < LOGIN_INTERVAL => false,
+            _ => {
+                logins.insert(key, Instant::now());
+                true
+            }
         }
     }
 
@@ -215,6 +238,11 @@ impl Auth {
                 })),
             },
         };
+        if let Ok(caller) = &outcome
+            && self.is_login(&caller.token_id, client.ip())
+        {
+            self.audit.record(caller.event("login", interface)).await;
+        }
         if let Err(AuthFailure::Refused(why)) = &outcome {
             self.limiter.fail(client.ip());
             self.audit

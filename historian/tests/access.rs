@@ -462,6 +462,17 @@ async fn row_and_column_policies_hold_under_adversarial_sql() {
         all.iter()
             .any(|r| r["sql"].as_str().unwrap().contains("operator_name = $1"))
     );
+    // Each token's first use from an address is a login.
+    let logins = ok(
+        s,
+        &auditor,
+        "SELECT role, count(*) AS n FROM audit_log WHERE kind = 'login' GROUP BY role ORDER BY role",
+    )
+    .await;
+    let roles = strings(&logins, "role");
+    for role in ["admin", "auditor", "quality", "supervisor"] {
+        assert!(roles.contains(&role.to_string()), "{logins:?}");
+    }
     let refusals = scalar(
         s,
         &auditor,
