@@ -562,7 +562,9 @@ impl AuditLog {
             anchor.head_mac = hex::encode(&last_mac);
             write_anchor(&self.dir, &anchor)?;
             // Drop what was shipped; records appended meanwhile stay.
-            let chain = self.chain.lock();
+            // Under the writer's lock from here to the reopen: an append in between would
+            // go to the replaced file and be lost.
+            let mut chain = self.chain.lock();
             let now = read_pending(&pending_path)?;
             let rest: Vec<&String> = now.iter().skip(lines.len()).collect();
             let mut text = String::new();
@@ -572,13 +574,11 @@ impl AuditLog {
             }
             crate::state_file::replace(&pending_path, text.as_bytes())
                 .map_err(io_err(&pending_path))?;
-            drop(chain);
             // The writer's file handle points at the old inode: reopen it.
-            let reopened = File::options()
+            chain.pending = File::options()
                 .append(true)
                 .open(&pending_path)
                 .map_err(io_err(&pending_path))?;
-            self.chain.lock().pending = reopened;
         }
         self.apply_retention(&mut anchor).await
     }
@@ -796,6 +796,33 @@ mod tests {
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(report.range, Some((7, 9)));
         assert_eq!(log.records().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_while_shipping_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = local_lake(dir.path());
+        let prefix = ObjectPath::from("audit");
+        let local = dir.path().join("audit");
+        let log = AuditLog::open(&local, lake.clone(), prefix.clone(), None)
+            .await
+            .unwrap();
+        let writer = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for i in 0..400 {
+                    log.append(query_event(i)).unwrap();
+                }
+            })
+        };
+        while !writer.is_finished() {
+            log.ship().await.unwrap();
+        }
+        writer.join().unwrap();
+        log.ship().await.unwrap();
+        let report = verify(&local, &lake, &prefix).await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.range, Some((1, 400)));
     }
 
     #[tokio::test]
