@@ -284,6 +284,15 @@ pub fn redact_sql(sql: &str) -> (Option<String>, Sealed) {
     };
     let mut literals = Vec::new();
     let _ = visit_expressions_mut(&mut statements, |e| {
+        // `VARCHAR 'Ann'`, `TIMESTAMP '...'`: the literal inside a typed string too.
+        if let SqlExpr::TypedString(ts) = e {
+            let text = match &ts.value.value {
+                Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+                other => other.to_string(),
+            };
+            literals.push(text);
+            ts.value.value = Value::Placeholder(format!("${}", literals.len()));
+        }
         if let SqlExpr::Value(v) = e
             && !matches!(
                 v.value,
@@ -750,6 +759,9 @@ mod tests {
         assert!(!sql.contains("Ann") && !sql.contains("42"), "{sql}");
         assert!(sql.contains("operator_name = $1"), "{sql}");
         assert_eq!(sealed.literals, vec!["Ann Smith", "42", "5"]);
+        let (sql, sealed) = redact_sql("SELECT * FROM e WHERE name = VARCHAR 'Ann Smith'");
+        assert!(!sql.unwrap().contains("Ann"));
+        assert_eq!(sealed.literals, vec!["Ann Smith"]);
         let (sql, sealed) = redact_sql("SELEC 'Ann'");
         assert!(sql.is_none());
         assert_eq!(sealed.sql.as_deref(), Some("SELEC 'Ann'"));

@@ -221,6 +221,11 @@ impl Auth {
             None => Err(AuthFailure::Missing),
             Some(t) => match tokens.verify(t) {
                 Ok(record) => match self.roles.get(&record.role) {
+                    // A role may gain `clear` after a token was issued for it: such a token
+                    // works only if the dpo issued it.
+                    Some(role) if role.reads_clear() && !record.dpo_granted => Err(
+                        AuthFailure::Refused("token for a clear role not issued by the dpo"),
+                    ),
                     Some(role) => Ok(Caller {
                         token_id: record.id,
                         name: record.name,

@@ -268,7 +268,7 @@ async fn write(
     if matches!(caller.role, Role::Dpo | Role::Auditor) {
         return forbidden(&format!("role {} may not write", caller.role.name()));
     }
-    let may_write = |table: &str| caller.role.may_write(table);
+    let may_write = |table: &str| caller.role.may_write(&db, table);
     let req = WriteRequest {
         db: &db,
         body: &body,

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use datafusion::sql::sqlparser::ast::Expr as SqlExpr;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use parking_lot::RwLock;
@@ -40,9 +41,14 @@ pub struct RoleDef {
 }
 
 impl RoleDef {
-    /// The grant for `table`.
-    pub fn grant(&self, table: &str) -> Option<&TableGrant> {
-        self.tables.get(table).or_else(|| self.tables.get("*"))
+    /// The grant for `table` of database `db`: `db/table`, then `db/*`, then `table` and
+    /// `*` (which apply in every database).
+    pub fn grant(&self, db: &str, table: &str) -> Option<&TableGrant> {
+        self.tables
+            .get(&format!("{db}/{table}"))
+            .or_else(|| self.tables.get(&format!("{db}/*")))
+            .or_else(|| self.tables.get(table))
+            .or_else(|| self.tables.get("*"))
     }
 
     /// Whether the role decrypts any personal column.
@@ -67,18 +73,59 @@ impl RoleDef {
             ));
         }
         for (table, grant) in &self.tables {
-            if let Some(rows) = &grant.rows {
-                Parser::new(&GenericDialect {})
-                    .try_with_sql(rows)
-                    .and_then(|mut p| p.parse_expr())
-                    .map_err(|e| {
-                        format!(
-                            "role {name}, table {table}: the rows predicate does not parse: {e}"
-                        )
-                    })?;
+            let Some(rows) = &grant.rows else {
+                continue;
+            };
+            let expr = Parser::new(&GenericDialect {})
+                .try_with_sql(rows)
+                .and_then(|mut p| p.parse_expr())
+                .map_err(|e| {
+                    format!("role {name}, table {table}: the rows predicate does not parse: {e}")
+                })?;
+            if !cannot_fail(&expr) {
+                return Err(format!(
+                    "role {name}, table {table}: a rows predicate may only compare columns with literals or $attributes (=, <>, <, >, IN, BETWEEN, IS NULL, AND, OR, NOT): an expression that can fail on a row would tell callers about rows they cannot see"
+                ));
+            }
+            if grant.write {
+                // Last write wins per field: a writer could overwrite a hidden row's fields
+                // with values that pass the predicate, and then read it.
+                return Err(format!(
+                    "role {name}, table {table}: a role that writes a table cannot also have a rows predicate on it"
+                ));
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a rows predicate is made only of operations that cannot fail on a row:
+/// columns, literals and `$attributes` under comparisons, IN, BETWEEN, IS [NOT] NULL and
+/// the boolean connectives.
+fn cannot_fail(e: &SqlExpr) -> bool {
+    use datafusion::sql::sqlparser::ast::{BinaryOperator as B, UnaryOperator};
+    match e {
+        SqlExpr::Identifier(_) | SqlExpr::CompoundIdentifier(_) | SqlExpr::Value(_) => true,
+        SqlExpr::TypedString(_) => true,
+        SqlExpr::Nested(inner) | SqlExpr::IsNull(inner) | SqlExpr::IsNotNull(inner) => {
+            cannot_fail(inner)
+        }
+        SqlExpr::UnaryOp {
+            op: UnaryOperator::Not,
+            expr,
+        } => cannot_fail(expr),
+        SqlExpr::BinaryOp { left, op, right } => {
+            matches!(
+                op,
+                B::And | B::Or | B::Eq | B::NotEq | B::Lt | B::LtEq | B::Gt | B::GtEq
+            ) && cannot_fail(left)
+                && cannot_fail(right)
+        }
+        SqlExpr::InList { expr, list, .. } => cannot_fail(expr) && list.iter().all(cannot_fail),
+        SqlExpr::Between {
+            expr, low, high, ..
+        } => cannot_fail(expr) && cannot_fail(low) && cannot_fail(high),
+        _ => false,
     }
 }
 
@@ -109,12 +156,21 @@ impl Role {
         }
     }
 
-    /// May write lines to `table`.
-    pub fn may_write(&self, table: &str) -> bool {
+    /// May write lines to `table` of `db`.
+    pub fn may_write(&self, db: &str, table: &str) -> bool {
         match self {
             Role::Admin | Role::Writer => true,
             Role::Dpo | Role::Auditor => false,
-            Role::Custom(_, def) => def.grant(table).is_some_and(|g| g.write),
+            Role::Custom(_, def) => def.grant(db, table).is_some_and(|g| g.write),
+        }
+    }
+
+    /// Whether the role reads personal data in clear (only the dpo may grant it).
+    pub fn reads_clear(&self) -> bool {
+        match self {
+            Role::Dpo => true,
+            Role::Custom(_, def) => def.grants_clear(),
+            _ => false,
         }
     }
 
@@ -228,12 +284,12 @@ pub struct CallerPolicy {
 }
 
 impl AccessPolicy for CallerPolicy {
-    fn table(&self, _db: &str, table: &str) -> Option<TableAccess> {
+    fn table(&self, db: &str, table: &str) -> Option<TableAccess> {
         match &self.role {
             Role::Admin | Role::Dpo => Some(TableAccess::all(PersonalAccess::Masked)),
             Role::Auditor | Role::Writer => None,
             Role::Custom(_, def) => {
-                let grant = def.grant(table).filter(|g| g.read)?;
+                let grant = def.grant(db, table).filter(|g| g.read)?;
                 Some(TableAccess {
                     default: PersonalAccess::Masked,
                     columns: grant.columns.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -290,7 +346,7 @@ mod tests {
         roles.set("analyst", Some(def)).unwrap();
         let reopened = Roles::open(&configured, dir.path()).unwrap();
         let analyst = reopened.get("analyst").unwrap();
-        assert!(!analyst.may_write("cpu"));
+        assert!(!analyst.may_write("db", "cpu"));
         let policy = CallerPolicy {
             role: analyst,
             attributes: Arc::default(),

@@ -97,6 +97,10 @@ pub struct TokenRecord {
     /// Unix seconds at which it was revoked.
     #[serde(default)]
     pub revoked: Option<i64>,
+    /// Issued by the dpo (or by plant IT on the machine): only such tokens may use a role
+    /// that reads personal data in clear, even if the role gains `clear` later.
+    #[serde(default)]
+    pub dpo_granted: bool,
 }
 
 impl TokenRecord {
@@ -111,6 +115,7 @@ impl TokenRecord {
             "created_by": self.created_by,
             "expires": self.expires,
             "revoked": self.revoked,
+            "dpo_granted": self.dpo_granted,
         })
     }
 }
@@ -247,6 +252,7 @@ impl TokenStore {
         attributes: BTreeMap<String, Vec<String>>,
         expires: Option<i64>,
         created_by: &str,
+        dpo_granted: bool,
     ) -> Result<(TokenRecord, String), TokenError> {
         let rng = SystemRandom::new();
         let mut id = [0u8; 8];
@@ -265,6 +271,7 @@ impl TokenStore {
             created_by: created_by.to_string(),
             expires,
             revoked: None,
+            dpo_granted,
         };
         let stored = record.clone();
         self.modify(move |tokens| tokens.push(stored))?;
@@ -323,7 +330,7 @@ pub fn bootstrap_admin(store: &TokenStore, data_dir: &Path) -> Result<Option<Pat
     if !store.is_empty()? {
         return Ok(None);
     }
-    let (_, token) = store.create("admin", "admin", BTreeMap::new(), None, "bootstrap")?;
+    let (_, token) = store.create("admin", "admin", BTreeMap::new(), None, "bootstrap", false)?;
     let path = data_dir.join("admin-token");
     let io = |source| TokenError::Io {
         path: path.clone(),
@@ -351,7 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::open(dir.path()).unwrap();
         let (rec, token) = store
-            .create("t", "writer", BTreeMap::new(), None, "test")
+            .create("t", "writer", BTreeMap::new(), None, "test", false)
             .unwrap();
         assert_eq!(store.verify(&token).unwrap().id, rec.id);
         // The file never holds the secret.
@@ -365,7 +372,14 @@ mod tests {
         assert!(store.revoke(&rec.id).unwrap());
         assert_eq!(store.verify(&token), Err(Refusal::Revoked));
         let (_, old) = store
-            .create("t", "writer", BTreeMap::new(), Some(unix_now() - 1), "test")
+            .create(
+                "t",
+                "writer",
+                BTreeMap::new(),
+                Some(unix_now() - 1),
+                "test",
+                false,
+            )
             .unwrap();
         assert_eq!(store.verify(&old), Err(Refusal::Expired));
     }
@@ -376,7 +390,7 @@ mod tests {
         let server = TokenStore::open(dir.path()).unwrap();
         let offline = TokenStore::open(dir.path()).unwrap();
         let (rec, token) = offline
-            .create("dpo", "dpo", BTreeMap::new(), None, "local")
+            .create("dpo", "dpo", BTreeMap::new(), None, "local", true)
             .unwrap();
         assert_eq!(server.verify(&token).unwrap().role, "dpo");
         offline.revoke(&rec.id).unwrap();

@@ -620,6 +620,18 @@ async fn tokens_are_checked_revoked_expired_and_rate_limited() {
     assert_eq!(status(put(&admin, "hr", &widened).await.unwrap()), 403);
     let masked = json!({"tables": {"mes_event": {"read": true}}});
     assert_eq!(status(put(&admin, "viewer", &masked).await.unwrap()), 204);
+    // A token the admin issued stops working if the dpo later gives its role `clear`.
+    let (st, viewer) = common::post(
+        &admin,
+        &server.url("/api/v3/tokens"),
+        json!({"name": "viewer", "role": "viewer"}).to_string(),
+    )
+    .await;
+    assert_eq!(st, 201, "{viewer}");
+    let viewer = server.client_as(viewer["token"].as_str().unwrap());
+    assert_eq!(status(viewer.get(&url).send().await.unwrap()), 200);
+    assert_eq!(status(put(&dpo, "viewer", &clear_role).await.unwrap()), 204);
+    assert_eq!(status(viewer.get(&url).send().await.unwrap()), 401);
     assert_eq!(
         status(put(&admin, "supervisor", &masked).await.unwrap()),
         409
