@@ -622,31 +622,45 @@ impl AuditLog {
     /// Every record kept, lake segments then pending, with their sealed parts opened.
     pub async fn records(&self) -> Result<Vec<(AuditRecord, Option<Sealed>)>, AuditError> {
         let _one = self.shipping.lock().await;
-        let mut out = Vec::new();
+        let mut lines: Vec<String> = Vec::new();
         for segment in list_segments(&self.lake, &self.prefix).await? {
             let bytes = self.lake.get(&segment.path).await?.bytes().await?;
-            for line in String::from_utf8_lossy(&bytes).lines() {
-                if let Some(r) = split_line(line).and_then(|(b, _)| serde_json::from_str(&b).ok()) {
-                    out.push(r);
-                }
-            }
+            lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_string));
         }
-        let pending = {
+        {
             let _chain = self.chain.lock();
-            read_pending(&self.dir.join("pending.jsonl"))?
-        };
-        for line in pending {
-            if let Some(r) = split_line(&line).and_then(|(b, _)| serde_json::from_str(&b).ok()) {
-                out.push(r);
-            }
+            lines.extend(read_pending(&self.dir.join("pending.jsonl"))?);
         }
-        Ok(out
-            .into_iter()
-            .map(|r: AuditRecord| {
-                let sealed = self.keys.unseal(&r);
-                (r, sealed)
-            })
-            .collect())
+        // The lake is not trusted: what the auditor and a subject's export read must be the
+        // chain the key made, whole, from the anchored base.
+        let anchor = read_anchor(&self.dir)?;
+        let broken = |at: &str| {
+            AuditError::Corrupt(format!(
+                "chain broken at {at}: the log in the lake was altered; run `historian audit verify`"
+            ))
+        };
+        let mut prev = hex::decode(&anchor.base_prev).map_err(|_| broken("the anchor"))?;
+        let mut next = anchor.base_seq;
+        let mut out = Vec::new();
+        for line in lines.iter().filter(|l| !l.is_empty()) {
+            let (body, mac) = split_line(line).ok_or_else(|| broken("a line without mac"))?;
+            let record: AuditRecord =
+                serde_json::from_str(&body).map_err(|_| broken("an unparsable line"))?;
+            if record.seq < anchor.base_seq {
+                continue;
+            }
+            if record.seq != next || self.keys.mac(&prev, body.as_bytes()) != mac {
+                return Err(broken(&format!("record {}", record.seq)));
+            }
+            prev = mac;
+            next += 1;
+            let sealed = self.keys.unseal(&record);
+            out.push((record, sealed));
+        }
+        if next <= anchor.head_seq {
+            return Err(broken(&format!("record {next} (missing)")));
+        }
+        Ok(out)
     }
 }
 
@@ -894,5 +908,26 @@ mod tests {
         let report = verify(&local, &lake, &prefix).await.unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(report.range, Some((1, 6)));
+        // What the auditor and subject exports read is checked too: a changed segment in
+        // the lake makes them fail rather than show a forgery.
+        log.ship().await.unwrap();
+        let segment = list_segments(&lake, &prefix).await.unwrap()[0].path.clone();
+        let text = String::from_utf8(
+            lake.get(&segment)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+        let forged = text.replacen("SELECT $1", "SELECT 'x'", 1);
+        assert_ne!(forged, text);
+        lake.put(&segment, PutPayload::from(forged.into_bytes()))
+            .await
+            .unwrap();
+        let err = log.records().await.unwrap_err().to_string();
+        assert!(err.contains("chain broken at record 1"), "{err}");
     }
 }
