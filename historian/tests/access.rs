@@ -60,16 +60,7 @@ fn start(dir: &Path) -> Server {
 
 fn start_with(dir: &Path, config: &str) -> Server {
     let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("historian.toml"), config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_historian"))
-        .args(["keys", "init", "--config"])
-        .arg(data.join("historian.toml"))
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    common::init_keyring(&data, config);
     Server::start(&data, config)
 }
 

@@ -783,19 +783,7 @@ columns = ["line", "event", "job_id"]
 operator_id = ["operator_name", "badge_id"]
 "#;
     let cfg = config(&moto.endpoint, bucket, "plant", profile);
-    std::fs::write(data.join("historian.toml"), &cfg).unwrap();
-    let init = Command::new(env!("CARGO_BIN_EXE_historian"))
-        .args(["keys", "init", "--config"])
-        .arg(data.join("historian.toml"))
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    common::init_keyring(&data, &cfg);
     let mut server = Server::start(&data, &cfg);
     let client = server.client();
     let t0 = today() - 2 * DAY_NS;

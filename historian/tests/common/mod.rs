@@ -19,6 +19,26 @@ pub struct Server {
     dpo_token: std::sync::OnceLock<String>,
 }
 
+/// Writes `config` to `<data_dir>/historian.toml` and runs `historian keys init` on it
+/// (master key and keyring), as an operator does before the first start of a server with
+/// privacy profiles.
+pub fn init_keyring(data_dir: &Path, config: &str) {
+    std::fs::create_dir_all(data_dir).unwrap();
+    std::fs::write(data_dir.join("historian.toml"), config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_historian"))
+        .args(["keys", "init", "--config"])
+        .arg(data_dir.join("historian.toml"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A client that sends `token` with every request.
 pub fn authed(builder: reqwest::ClientBuilder, token: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
