@@ -1,7 +1,8 @@
 //! The one path every query takes, whatever the interface: the caller's policy decides
 //! which tables the session holds and how it sees them, the engine's sandbox checks the
 //! SQL, and the audit log records the query when its result ends (rows, duration,
-//! outcome, what was decrypted), also when it fails or the client goes away.
+//! outcome, what was decrypted), also when it fails or the client goes away. A role that
+//! may decrypt also has a `query_start` record written before the first row is served.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -58,6 +59,14 @@ pub async fn query(
                     .fields
                     .columns
                     .extend(columns.iter().map(|c| format!("{table}.{c}")));
+            }
+            if caller.role.reads_clear() {
+                // A role that may decrypt has the query on record, fsynced, before any row
+                // is served: a crash or a stalled client cannot keep the access off the log.
+                let mut start = event.clone();
+                start.fields.kind = "query_start".into();
+                start.fields.outcome = "started".into();
+                audit.record(start).await;
             }
             Ok(AuditedStream {
                 inner,

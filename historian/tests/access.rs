@@ -453,6 +453,21 @@ async fn row_and_column_policies_hold_under_adversarial_sql() {
         all.iter()
             .any(|r| r["sql"].as_str().unwrap().contains("operator_name = $1"))
     );
+    // A role that decrypts has each query on record before its rows are served.
+    let started = scalar(
+        s,
+        &auditor,
+        "SELECT count(*) FROM audit_log WHERE kind = 'query_start' AND role = 'quality'",
+    )
+    .await;
+    assert_eq!(started, json!(2), "one per query that ran");
+    let other_starts = scalar(
+        s,
+        &auditor,
+        "SELECT count(*) FROM audit_log WHERE kind = 'query_start' AND role <> 'quality'",
+    )
+    .await;
+    assert_eq!(other_starts, json!(0));
     // Each token's first use from an address is a login.
     let logins = ok(
         s,
