@@ -589,16 +589,16 @@ async fn tokens_are_checked_revoked_expired_and_rate_limited() {
         "{listed}"
     );
 
-    // Expiry.
+    // Expiry (whole seconds: 2 s, so that the first use cannot fall past it).
     let (_, short) = common::post(
         &admin,
         &server.url("/api/v3/tokens"),
-        json!({"name": "short", "role": "writer", "expires_in": "1s"}).to_string(),
+        json!({"name": "short", "role": "writer", "expires_in": "2s"}).to_string(),
     )
     .await;
     let short = server.client_as(short["token"].as_str().unwrap());
     assert_eq!(status(write(&short, "machine").await.unwrap()), 204);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(status(write(&short, "machine").await.unwrap()), 401);
 
     // Admin administers but cannot grant clear: not a dpo token, not a clear role.
