@@ -622,45 +622,33 @@ impl AuditLog {
     /// Every record kept, lake segments then pending, with their sealed parts opened.
     pub async fn records(&self) -> Result<Vec<(AuditRecord, Option<Sealed>)>, AuditError> {
         let _one = self.shipping.lock().await;
-        let mut lines: Vec<String> = Vec::new();
-        for segment in list_segments(&self.lake, &self.prefix).await? {
-            let bytes = self.lake.get(&segment.path).await?.bytes().await?;
-            lines.extend(String::from_utf8_lossy(&bytes).lines().map(str::to_string));
-        }
-        {
+        let pending = {
             let _chain = self.chain.lock();
-            lines.extend(read_pending(&self.dir.join("pending.jsonl"))?);
-        }
+            read_pending(&self.dir.join("pending.jsonl"))?
+        };
         // The lake is not trusted: what the auditor and a subject's export read must be the
         // chain the key made, whole, from the anchored base.
+        let (sources, mut problems) = read_sources(&self.lake, &self.prefix, pending).await?;
         let anchor = read_anchor(&self.dir)?;
-        let broken = |at: &str| {
-            AuditError::Corrupt(format!(
-                "chain broken at {at}: the log in the lake was altered; run `historian audit verify`"
-            ))
-        };
-        let mut prev = hex::decode(&anchor.base_prev).map_err(|_| broken("the anchor"))?;
-        let mut next = anchor.base_seq;
-        let mut out = Vec::new();
-        for line in lines.iter().filter(|l| !l.is_empty()) {
-            let (body, mac) = split_line(line).ok_or_else(|| broken("a line without mac"))?;
-            let record: AuditRecord =
-                serde_json::from_str(&body).map_err(|_| broken("an unparsable line"))?;
-            if record.seq < anchor.base_seq {
-                continue;
-            }
-            if record.seq != next || self.keys.mac(&prev, body.as_bytes()) != mac {
-                return Err(broken(&format!("record {}", record.seq)));
-            }
-            prev = mac;
-            next += 1;
-            let sealed = self.keys.unseal(&record);
-            out.push((record, sealed));
+        let check = check_chain(&self.keys, &anchor, &sources)?;
+        problems.extend(check.report.problems);
+        if let Some(first) = problems.first() {
+            let at = match check.first_broken {
+                Some(seq) => format!("record {seq}"),
+                None => "the segments".to_string(),
+            };
+            return Err(AuditError::Corrupt(format!(
+                "chain broken at {at}: {first}; the log in the lake was altered, run `historian audit verify`"
+            )));
         }
-        if next <= anchor.head_seq {
-            return Err(broken(&format!("record {next} (missing)")));
-        }
-        Ok(out)
+        Ok(check
+            .records
+            .into_iter()
+            .map(|r| {
+                let sealed = self.keys.unseal(&r);
+                (r, sealed)
+            })
+            .collect())
     }
 }
 
@@ -684,27 +672,64 @@ pub async fn verify(
 ) -> Result<VerifyReport, AuditError> {
     let keys = AuditKeys::load_or_create(dir, false)?;
     let anchor = read_anchor(dir)?;
-    let mut report = VerifyReport::default();
-    let mut expected_seq = anchor.base_seq;
-    let mut prev = hex::decode(&anchor.base_prev)
-        .map_err(|_| AuditError::Corrupt("anchor base mac".into()))?;
-    let mut head_seen = anchor.head_seq < anchor.base_seq;
-    let mut sources: Vec<(String, String)> = Vec::new();
+    let pending = read_pending(&dir.join("pending.jsonl"))?;
+    let (sources, problems) = read_sources(lake, prefix, pending).await?;
+    let mut report = check_chain(&keys, &anchor, &sources)?.report;
+    report.problems.splice(0..0, problems);
+    Ok(report)
+}
+
+/// The lake's segments in order, then the pending records, as (where, text); and a
+/// problem for each segment whose name does not match its number of records.
+async fn read_sources(
+    lake: &Arc<dyn ObjectStore>,
+    prefix: &ObjectPath,
+    pending: Vec<String>,
+) -> Result<(Vec<(String, String)>, Vec<String>), AuditError> {
+    let mut sources = Vec::new();
+    let mut problems = Vec::new();
     for segment in list_segments(lake, prefix).await? {
         let bytes = lake.get(&segment.path).await?.bytes().await?;
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let count = text.lines().filter(|l| !l.is_empty()).count() as u64;
         if segment.last < segment.first || segment.last - segment.first + 1 != count {
-            report.problems.push(format!(
+            problems.push(format!(
                 "segment {} should hold records {}..={} but holds {count} lines",
                 segment.path, segment.first, segment.last
             ));
         }
         sources.push((segment.path.to_string(), text));
     }
-    let pending = read_pending(&dir.join("pending.jsonl"))?;
     sources.push(("pending.jsonl (local)".into(), pending.join("\n")));
-    for (source, text) in &sources {
+    Ok((sources, problems))
+}
+
+/// What walking the chain found: the records from the anchored base, every problem, and
+/// the first record whose order or mac is wrong.
+struct ChainCheck {
+    records: Vec<AuditRecord>,
+    report: VerifyReport,
+    first_broken: Option<u64>,
+}
+
+/// Walks `sources` from the anchor's base: every record's mac, seq order without gaps,
+/// and that the anchored head is present.
+fn check_chain(
+    keys: &AuditKeys,
+    anchor: &Anchor,
+    sources: &[(String, String)],
+) -> Result<ChainCheck, AuditError> {
+    let mut check = ChainCheck {
+        records: Vec::new(),
+        report: VerifyReport::default(),
+        first_broken: None,
+    };
+    let report = &mut check.report;
+    let mut expected_seq = anchor.base_seq;
+    let mut prev = hex::decode(&anchor.base_prev)
+        .map_err(|_| AuditError::Corrupt("anchor base mac".into()))?;
+    let mut head_seen = anchor.head_seq < anchor.base_seq;
+    for (source, text) in sources {
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty()) {
             let at = format!("{source} line {}", i + 1);
             let Some((body, mac)) = split_line(line) else {
@@ -727,12 +752,14 @@ pub async fn verify(
                     "{at}: record {} where {expected_seq} was expected (removed or reordered records)",
                     record.seq
                 ));
+                check.first_broken.get_or_insert(record.seq);
             }
             if keys.mac(&prev, body.as_bytes()) != mac {
                 report.problems.push(format!(
                     "{at}: record {} fails its mac (changed, out of order, or written without the key)",
                     record.seq
                 ));
+                check.first_broken.get_or_insert(record.seq);
             }
             if record.seq == anchor.head_seq {
                 head_seen = hex::encode(&mac) == anchor.head_mac;
@@ -750,6 +777,7 @@ pub async fn verify(
             });
             prev = mac;
             expected_seq = record.seq + 1;
+            check.records.push(record);
         }
     }
     if !head_seen && anchor.head_seq >= anchor.base_seq {
@@ -758,7 +786,7 @@ pub async fn verify(
             anchor.head_seq
         ));
     }
-    Ok(report)
+    Ok(check)
 }
 
 #[cfg(test)]
