@@ -19,7 +19,7 @@ use crate::auth::{Caller, forbidden};
 use crate::client::ServerArgs;
 use crate::http::{AppState, error_response};
 use crate::role::{BUILTIN_ROLES, Role, RoleDef};
-use crate::token::TokenStore;
+use crate::token::{TokenStore, unix_now};
 
 /// The body of `POST /api/v3/tokens`.
 #[derive(Debug, Deserialize)]
@@ -35,13 +35,6 @@ pub struct NewToken {
     /// Lifetime, e.g. `90d`; none = until revoked.
     #[serde(default)]
     pub expires_in: Option<String>,
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn bad_request(message: &str) -> Response {

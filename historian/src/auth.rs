@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::audit::{AuditEvent, AuditFields, AuditLog};
 use crate::http::AppState;
 use crate::role::{CallerPolicy, Role, Roles};
-use crate::token::{Refusal, TokenStore};
+use crate::token::TokenStore;
 
 /// Failed attempts one client address may make per window before it is refused.
 const MAX_FAILURES: u32 = 10;
@@ -237,10 +237,7 @@ impl Auth {
                         "token of a role that no longer exists",
                     )),
                 },
-                Err(r) => Err(AuthFailure::Refused(match r {
-                    Refusal::Unknown => Refusal::Unknown.as_str(),
-                    other => other.as_str(),
-                })),
+                Err(r) => Err(AuthFailure::Refused(r.as_str())),
             },
         };
         if let Ok(caller) = &outcome

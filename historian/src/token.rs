@@ -8,8 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -141,7 +140,8 @@ pub struct TokenStore {
     loaded: Mutex<Loaded>,
 }
 
-fn unix_now() -> i64 {
+/// Now, in Unix seconds (token times are whole seconds).
+pub(crate) fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -332,20 +332,12 @@ pub fn bootstrap_admin(store: &TokenStore, data_dir: &Path) -> Result<Option<Pat
     }
     let (_, token) = store.create("admin", "admin", BTreeMap::new(), None, "bootstrap", false)?;
     let path = data_dir.join("admin-token");
-    let io = |source| TokenError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut f = File::options()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io)?;
-    f.write_all(token.as_bytes()).map_err(io)?;
-    f.write_all(b"\n").map_err(io)?;
-    f.sync_all().map_err(io)?;
+    crate::state_file::replace(&path, format!("{token}\n").as_bytes()).map_err(|source| {
+        TokenError::Io {
+            path: path.clone(),
+            source,
+        }
+    })?;
     Ok(Some(path))
 }
 

@@ -84,12 +84,6 @@ fn keys(data_dir: &Path, args: &[&str]) -> String {
 }
 
 /// Writes the config and creates the keyring, as an operator would before the first start.
-fn init(data_dir: &Path, config: &str) {
-    std::fs::create_dir_all(data_dir).unwrap();
-    std::fs::write(data_dir.join("historian.toml"), config).unwrap();
-    keys(data_dir, &["init"]);
-}
-
 /// One MES event as the generator wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Event {
@@ -235,7 +229,7 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = profile_config("");
-    init(&data, &config);
+    common::init_keyring(&data, &config);
     let mut server = Server::start(&data, &config);
     let start = (now_ns() / DAY - 3) * DAY;
     let (bodies, events) = generate(start);
@@ -475,7 +469,7 @@ async fn personal_ttl_hides_cells_at_once_and_destroys_expired_keys() {
         "[tables.mes_event]\npartition = \"day\"",
         "[tables.mes_event]\npartition = \"day\"\nttl = \"3650d\"\npersonal_ttl = \"30d\"\nkey_period = \"day\"",
     );
-    init(&data, &config);
+    common::init_keyring(&data, &config);
     let mut server = Server::start(&data, &config);
     let now = now_ns();
     // The same person 60 days ago (a key period wholly past personal_ttl), just past
@@ -555,7 +549,7 @@ async fn keyring_backup_restore_rotation_and_master_key_checks() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = profile_config("");
-    init(&data, &config);
+    common::init_keyring(&data, &config);
     let config_path = data.join("historian.toml");
     let config_arg = config_path.to_str().unwrap();
     let mut server = Server::start(&data, &config);
