@@ -49,7 +49,13 @@ pub struct ServerConfig {
     pub http_bind: String,
     /// Data directory (WAL, and the lake by default).
     pub data_dir: PathBuf,
-    /// TLS certificate chain (PEM); with `tls_key`, HTTP is served over TLS only.
+    /// PostgreSQL wire protocol listen address; none = not served.
+    pub pg_bind: Option<String>,
+    /// Accept tokens as plaintext passwords from non-loopback PostgreSQL clients (without
+    /// TLS). Off: such clients must use TLS.
+    pub pg_allow_cleartext: bool,
+    /// TLS certificate chain (PEM); with `tls_key`, HTTP and the PostgreSQL protocol are
+    /// served over TLS (PostgreSQL clients negotiate it; `sslmode=require`).
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
     pub tls_key: Option<PathBuf>,
@@ -60,6 +66,8 @@ impl Default for ServerConfig {
         ServerConfig {
             http_bind: "127.0.0.1:8181".into(),
             data_dir: PathBuf::from("./historian-data"),
+            pg_bind: None,
+            pg_allow_cleartext: false,
             tls_cert: None,
             tls_key: None,
         }
@@ -469,6 +477,15 @@ mod tests {
         let c = Config::load(&path).unwrap();
         c.validate().unwrap();
         assert!(c.tables.contains_key("mes_event"));
+    }
+
+    #[test]
+    fn the_compose_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/historian.toml");
+        let c = Config::load(&path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.pg_bind.as_deref(), Some("0.0.0.0:5432"));
+        assert!(c.roles.contains_key("line_viewer"));
     }
 
     #[test]

@@ -15,9 +15,12 @@ mod audit;
 mod auth;
 mod client;
 mod config;
+mod flight;
 mod http;
 mod import;
 mod keys;
+mod pg;
+mod placeholder;
 mod query_client;
 mod role;
 mod server;
@@ -83,6 +86,10 @@ struct ServeArgs {
     /// HTTP listen address, e.g. 127.0.0.1:8181 (port 0 picks a free one).
     #[arg(long, env = "HISTORIAN_HTTP_BIND")]
     http_bind: Option<String>,
+    /// PostgreSQL wire protocol listen address, e.g. 127.0.0.1:5432 (port 0 picks a free
+    /// one); off unless given here or in the config.
+    #[arg(long, env = "HISTORIAN_PG_BIND")]
+    pg_bind: Option<String>,
     /// No authentication: every caller is an anonymous admin. For local experiments only;
     /// refused unless the server listens on a loopback address.
     #[arg(long)]
@@ -126,6 +133,9 @@ fn main() -> std::process::ExitCode {
                 }
                 if let Some(b) = args.http_bind {
                     config.server.http_bind = b;
+                }
+                if let Some(b) = args.pg_bind {
+                    config.server.pg_bind = Some(b);
                 }
                 init_tracing(&config.log.format, &config.log.level);
                 server::serve(config, args.without_auth).await

@@ -161,10 +161,46 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
         config.audit.ship_interval,
         stop_rx.clone(),
     ));
+    let pg = match &config.server.pg_bind {
+        Some(bind) => {
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .map_err(|e| format!("cannot listen for PostgreSQL on {bind}: {e}"))?;
+            let addr = listener.local_addr()?;
+            let acceptor = tls.as_ref().map(|tls| {
+                let mut server_config = (*tls.get_inner()).clone();
+                server_config.alpn_protocols = vec![b"postgresql".to_vec()];
+                tokio_rustls::TlsAcceptor::from(Arc::new(server_config))
+            });
+            let service = crate::pg::PgService::new(
+                state.query.clone(),
+                audit.clone(),
+                state.auth.clone(),
+                config.server.pg_allow_cleartext,
+            );
+            // Tests and scripts wait for this line to learn the port.
+            tracing::info!(%addr, tls = acceptor.is_some(), "listening for PostgreSQL");
+            println!("historian listening for postgresql on {addr}");
+            Some(tokio::spawn(service.serve(
+                listener,
+                acceptor,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     let listener = std::net::TcpListener::bind(&config.server.http_bind)
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.http_bind))?;
     let addr = listener.local_addr()?;
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Flight SQL is gRPC on the HTTP port, as in InfluxDB 3: same address, same TLS.
+    let flight =
+        crate::flight::FlightSql::server(state.query.clone(), audit.clone(), state.auth.clone());
+    let grpc = tonic::service::Routes::new(flight)
+        .prepare()
+        .into_axum_router();
+    let app = router(state)
+        .merge(grpc)
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     match tls {
         Some(tls) => {
             let handle = axum_server::Handle::new();
@@ -190,6 +226,9 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
     }
     tracing::info!("shutting down: flushing the write buffer to the lake");
     let _ = stop_tx.send(true);
+    if let Some(pg) = pg {
+        let _ = pg.await;
+    }
     let _ = background.await;
     let _ = shipping.await;
     ingester.shutdown().await?;

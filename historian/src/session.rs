@@ -22,6 +22,9 @@ use crate::audit::{AuditEvent, AuditLog, AuditRecord};
 use crate::auth::Caller;
 use crate::role::Role;
 
+/// The interface name of the PostgreSQL wire protocol, in the audit log.
+pub const PGWIRE: &str = "pgwire";
+
 /// The name under which auditors see the audit log.
 pub const AUDIT_TABLE: &str = "audit_log";
 
@@ -38,19 +41,7 @@ pub async fn query(
     let decryption_log = Arc::new(DecryptionLog::default());
     let mut event = caller.event("query", interface);
     event.fields.sql = Some(sql.to_string());
-    let mut extra_tables: HashMap<String, Arc<dyn TableProvider>> = HashMap::new();
-    if caller.role == Role::Auditor {
-        let table = audit_table(audit)
-            .await
-            .map_err(|e| QueryError::Internal(format!("cannot read the audit log: {e}")))?;
-        extra_tables.insert(AUDIT_TABLE.to_string(), table);
-    }
-    let options = QueryOptions {
-        policy: Some(caller.policy()),
-        extra_tables,
-        decryption_log: Some(decryption_log.clone()),
-        now_ns: None,
-    };
+    let options = caller_options(audit, caller, interface, Some(decryption_log.clone())).await?;
     match engine.query_with(db, sql, options).await {
         Ok(inner) => {
             for (table, columns) in inner.touched() {
@@ -83,6 +74,84 @@ pub async fn query(
             Err(e)
         }
     }
+}
+
+/// Plans `sql` as `caller` would run it, without running it: its parameters' types and
+/// its result's schema, for clients that prepare statements. Nothing is read, so only a
+/// refusal is audited; running the statement later goes through [`query`] and is checked
+/// again.
+pub async fn describe(
+    engine: &QueryEngine,
+    audit: &Arc<AuditLog>,
+    caller: &Caller,
+    interface: &str,
+    db: &str,
+    sql: &str,
+) -> Result<(Vec<Option<DataType>>, SchemaRef), QueryError> {
+    let options = caller_options(audit, caller, interface, None).await?;
+    let described = engine.describe(db, sql, options).await;
+    if let Err(e) = &described {
+        // A statement refused while being prepared is an attempt on record, as a
+        // refused query is.
+        let mut event = caller.event("query", interface);
+        event.fields.sql = Some(sql.to_string());
+        event.fields.outcome = format!("error: {e}");
+        audit.record(event).await;
+    }
+    described
+}
+
+/// The tables `caller` sees in `db`, with their schemas as the caller sees them.
+pub async fn tables(
+    engine: &QueryEngine,
+    audit: &Arc<AuditLog>,
+    caller: &Caller,
+    interface: &str,
+    db: &str,
+) -> Result<Vec<(String, SchemaRef)>, QueryError> {
+    let options = caller_options(audit, caller, interface, None).await?;
+    let ctx = engine.session_with(db, options)?;
+    let schema = ctx
+        .catalog(query::engine::CATALOG)
+        .and_then(|c| c.schema("public"))
+        .ok_or_else(|| QueryError::Internal("the session has no public schema".into()))?;
+    let mut names = schema.table_names();
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(table) = schema
+            .table(&name)
+            .await
+            .map_err(|e| QueryError::Internal(e.strip_backtrace()))?
+        {
+            out.push((name, table.schema()));
+        }
+    }
+    Ok(out)
+}
+
+/// How `caller` sees the database: their policy, the audit log for auditors, and the
+/// catalogs as PostgreSQL presents them for PostgreSQL clients.
+async fn caller_options(
+    audit: &Arc<AuditLog>,
+    caller: &Caller,
+    interface: &str,
+    decryption_log: Option<Arc<DecryptionLog>>,
+) -> Result<QueryOptions, QueryError> {
+    let mut extra_tables: HashMap<String, Arc<dyn TableProvider>> = HashMap::new();
+    if caller.role == Role::Auditor {
+        let table = audit_table(audit)
+            .await
+            .map_err(|e| QueryError::Internal(format!("cannot read the audit log: {e}")))?;
+        extra_tables.insert(AUDIT_TABLE.to_string(), table);
+    }
+    Ok(QueryOptions {
+        policy: Some(caller.policy()),
+        extra_tables,
+        decryption_log,
+        now_ns: None,
+        postgres_catalog: interface == PGWIRE,
+    })
 }
 
 /// A query's result that records the query in the audit log when it ends.

@@ -13,7 +13,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use datafusion::catalog::{
     CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
-    TableProvider,
+    SchemaProvider, TableProvider,
 };
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::DataFusionError;
@@ -37,6 +37,7 @@ use url::Url;
 use crate::catalog::{AllTables, DatabaseSchema};
 use crate::metrics::QueryMetrics;
 use crate::personal::PersonalAccess;
+use crate::pg_catalog::{PgCatalog, PgInformationSchema};
 use crate::policy::{AccessPolicy, DecryptionLog};
 use crate::sandbox::{self, SandboxError};
 
@@ -174,6 +175,104 @@ pub struct QueryEngine {
     slots: Arc<Semaphore>,
     metrics: Arc<QueryMetrics>,
     keyring: Option<Arc<privacy::Keyring>>,
+    executor: Executor,
+}
+
+/// The threads queries compute on, apart from the server's: a query that keeps every
+/// core busy for a while cannot starve the accept loops, the write path, cancel requests
+/// or the client connections that stream results (the shape of InfluxDB 3's dedicated
+/// executor).
+#[derive(Debug)]
+struct Executor {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Executor {
+    fn new(threads: usize) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("historian-query")
+            .enable_all()
+            .build()
+            .map_err(|e| tracing::warn!(error = %e, "no query threads; queries share the server's"))
+            .ok();
+        Executor { runtime }
+    }
+
+    /// Runs `work` on the query threads; dropping the returned future aborts it.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, DataFusionError>> + Send + 'static,
+    ) -> Result<T, DataFusionError> {
+        let Some(runtime) = &self.runtime else {
+            return work.await;
+        };
+        struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+        impl<T> Drop for AbortOnDrop<T> {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let mut handle = AbortOnDrop(runtime.spawn(work));
+        (&mut handle.0)
+            .await
+            .map_err(|e| DataFusionError::Internal(format!("the query's task failed: {e}")))?
+    }
+
+    /// Runs `plan` on the query threads; its batches arrive through the returned stream.
+    /// Dropping the stream stops the plan at its next yield.
+    fn execute(
+        &self,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+        task: Arc<datafusion::execution::TaskContext>,
+    ) -> SendableRecordBatchStream {
+        let schema = plan.schema();
+        let Some(runtime) = &self.runtime else {
+            return match datafusion::physical_plan::execute_stream(plan, task) {
+                Ok(s) => s,
+                Err(e) => Box::pin(
+                    datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                        schema,
+                        futures::stream::once(async move { Err(e) }),
+                    ),
+                ),
+            };
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        runtime.spawn(async move {
+            let mut stream = match datafusion::physical_plan::execute_stream(plan, task) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    // The client went away or the query was cancelled.
+                    _ = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let batches = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, batches))
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        // Dropped inside the server's runtime: do not block on the query threads.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Per-query settings beyond the SQL.
@@ -188,6 +287,9 @@ pub struct QueryOptions {
     pub decryption_log: Option<Arc<DecryptionLog>>,
     /// The time the query runs at (retention horizons); None = now. For tests and replays.
     pub now_ns: Option<i64>,
+    /// Present the catalogs as PostgreSQL does, for PostgreSQL clients: `pg_catalog`, and
+    /// an `information_schema` with PostgreSQL's type names (both of the caller's view).
+    pub postgres_catalog: bool,
 }
 
 impl QueryEngine {
@@ -202,6 +304,7 @@ impl QueryEngine {
         let metadata_cache = CacheManager::try_new(&CacheManagerConfig::default())
             .map(|m| m.get_file_metadata_cache())
             .expect("the default cache configuration is valid");
+        let executor = Executor::new(config.target_partitions);
         QueryEngine {
             source,
             metadata_cache,
@@ -210,6 +313,7 @@ impl QueryEngine {
             config,
             metrics,
             keyring: None,
+            executor,
         }
     }
 
@@ -245,7 +349,7 @@ impl QueryEngine {
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, "public")
             .with_create_default_catalog_and_schema(false)
-            .with_information_schema(true)
+            .with_information_schema(!seen.postgres_catalog)
             .with_target_partitions(self.config.target_partitions.max(1));
         let options = config.options_mut();
         options.execution.parquet.pushdown_filters = self.config.parquet_pushdown_filters;
@@ -268,12 +372,26 @@ impl QueryEngine {
         let policy = seen
             .policy
             .unwrap_or_else(|| Arc::new(AllTables(PersonalAccess::Masked)));
-        let schema = DatabaseSchema::new(db, self.source.clone(), lake_url, now_ns)
-            .with_policy(self.keyring.clone(), policy, seen.decryption_log)
-            .with_extra_tables(seen.extra_tables);
+        let schema: Arc<dyn SchemaProvider> = Arc::new(
+            DatabaseSchema::new(db, self.source.clone(), lake_url, now_ns)
+                .with_policy(self.keyring.clone(), policy, seen.decryption_log)
+                .with_extra_tables(seen.extra_tables),
+        );
         let catalog = MemoryCatalogProvider::new();
+        if seen.postgres_catalog {
+            let internal = |e: DataFusionError| QueryError::Internal(e.strip_backtrace());
+            catalog
+                .register_schema("pg_catalog", Arc::new(PgCatalog::new(schema.clone(), db)))
+                .map_err(internal)?;
+            catalog
+                .register_schema(
+                    "information_schema",
+                    Arc::new(PgInformationSchema::new(schema.clone(), db)),
+                )
+                .map_err(internal)?;
+        }
         catalog
-            .register_schema("public", Arc::new(schema))
+            .register_schema("public", schema)
             .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
         let catalogs = MemoryCatalogProviderList::new();
         catalogs.register_catalog(CATALOG.to_string(), Arc::new(catalog));
@@ -288,6 +406,7 @@ impl QueryEngine {
         let state = crate::functions::install(builder).build();
         let ctx = SessionContext::new_with_state(state);
         crate::functions::register(&ctx);
+        crate::functions::postgres::register(&ctx, db);
         Ok(ctx)
     }
 
@@ -311,6 +430,41 @@ impl QueryEngine {
         result
     }
 
+    /// Plans `sql` against `db` as `options` sees it, without running it: the types of its
+    /// `$n` parameters (None where the query does not fix one) and its result's schema.
+    /// The sandbox and the policy apply as they do to a query; nothing is read.
+    pub async fn describe(
+        &self,
+        db: &str,
+        sql: &str,
+        options: QueryOptions,
+    ) -> Result<(Vec<Option<arrow::datatypes::DataType>>, SchemaRef), QueryError> {
+        sandbox::check(sql)?;
+        let ctx = self.session_with(db, options)?;
+        let sql_options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let df = ctx
+            .sql_with_options(sql, sql_options)
+            .await
+            .map_err(|e| QueryError::from_datafusion(e, &self.config))?;
+        let plan = df.logical_plan();
+        let types = plan
+            .get_parameter_types()
+            .map_err(|e| QueryError::from_datafusion(e, &self.config))?;
+        // `$1`, `$2`, ... in order; a gap (a parameter the text never uses) has no type.
+        let count = types
+            .keys()
+            .filter_map(|k| k.strip_prefix('$')?.parse::<usize>().ok())
+            .max()
+            .unwrap_or(0);
+        let params = (1..=count)
+            .map(|i| types.get(&format!("${i}")).cloned().flatten())
+            .collect();
+        Ok((params, plan.schema().inner().clone()))
+    }
+
     async fn start(
         &self,
         db: &str,
@@ -319,7 +473,11 @@ impl QueryEngine {
         query_options: QueryOptions,
     ) -> Result<QueryStream, QueryError> {
         sandbox::check(sql)?;
-        if query_options.extra_tables.is_empty() && !self.source.databases().iter().any(|d| d == db)
+        // PostgreSQL clients connect to a database before it has tables and query the
+        // catalogs: a database without tables is empty for them, not missing.
+        if query_options.extra_tables.is_empty()
+            && !query_options.postgres_catalog
+            && !self.source.databases().iter().any(|d| d == db)
         {
             return Err(QueryError::DatabaseNotFound(db.to_string()));
         }
@@ -339,16 +497,22 @@ impl QueryEngine {
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let planned = async {
-            let df = ctx.sql_with_options(sql, options).await?;
+        // Planning can be heavy too (table functions materialise at planning): it runs
+        // on the query threads as well.
+        let text = sql.to_string();
+        let planned = self.executor.run(async move {
+            let df = ctx.sql_with_options(&text, options).await?;
             let touched = tables_touched(df.logical_plan());
-            Ok::<_, DataFusionError>((df.execute_stream().await?, touched))
-        };
-        let (stream, touched) = match tokio::time::timeout_at(deadline, planned).await {
+            let task = df.task_ctx();
+            let plan = df.create_physical_plan().await?;
+            Ok::<_, DataFusionError>((plan, Arc::new(task), touched))
+        });
+        let (plan, task, touched) = match tokio::time::timeout_at(deadline, planned).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(QueryError::from_datafusion(e, &self.config)),
             Err(_) => return Err(QueryError::Timeout(self.config.timeout)),
         };
+        let stream = self.executor.execute(plan, task);
         self.metrics.running.inc();
         Ok(QueryStream {
             schema: stream.schema(),

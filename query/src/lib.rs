@@ -13,6 +13,7 @@ pub mod functions;
 pub mod lastpoint;
 pub mod metrics;
 pub mod personal;
+pub mod pg_catalog;
 pub mod policy;
 pub mod sandbox;
 pub mod table;

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct Server {
     child: Option<Child>,
     pub addr: String,
+    /// The PostgreSQL protocol's address, when the config sets `pg_bind`.
+    pub pg_addr: Option<String>,
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
     pub extra_env: Vec<(String, String)>,
@@ -76,6 +78,7 @@ impl Server {
         let mut s = Server {
             child: None,
             addr: String::new(),
+            pg_addr: None,
             data_dir: data_dir.to_path_buf(),
             config_path,
             extra_env: env
@@ -123,6 +126,9 @@ impl Server {
                 panic!("historian exited before listening; log:\n{log}");
             }
             let line = line.trim();
+            if let Some(addr) = line.strip_prefix("historian listening for postgresql on ") {
+                self.pg_addr = Some(addr.to_string());
+            }
             if let Some(addr) = line
                 .strip_prefix("historian listening on http://")
                 .or_else(|| line.strip_prefix("historian listening on https://"))

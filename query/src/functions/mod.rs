@@ -2,6 +2,7 @@
 //! time-weighted average and the `first` / `last` selectors.
 
 pub mod gapfill;
+pub mod postgres;
 pub mod selector;
 pub mod time_weighted;
 

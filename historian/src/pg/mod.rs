@@ -1,0 +1,622 @@
+//! The PostgreSQL wire protocol, for Grafana's PostgreSQL data source, psql and BI tools.
+//!
+//! The password is a Historian token: it is checked like an HTTP token, and checked again
+//! before every statement, so a revoked token or a changed role takes effect on open
+//! connections at once. Every statement that reads data runs through
+//! [`crate::session::query`], the path HTTP takes: the same policy, sandbox and audit log
+//! (interface `pgwire`). Prepared statements are planned as their caller at Parse, and
+//! run at Execute as an ordinary query with their parameters bound as literals, so they
+//! are checked again then.
+
+mod dialect;
+mod encode;
+mod statement;
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::{Sink, SinkExt, Stream, StreamExt, stream};
+use pgwire::api::auth::{
+    ServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
+use pgwire::api::cancel::DefaultCancelHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{
+    DescribePortalResponse, DescribeStatementResponse, FieldInfo, QueryResponse, Response, Tag,
+};
+use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::store::PortalStore;
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, ConnectionHandle, ConnectionManager, METADATA_DATABASE,
+    METADATA_USER, PgWireConnectionState, PgWireServerHandlers, PidSecretKeyGenerator,
+    RandomPidSecretKeyGenerator, Type,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::data::DataRow;
+use pgwire::messages::startup::Authentication;
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use query::{QueryEngine, QueryError};
+use tokio::net::TcpListener;
+
+use crate::audit::AuditLog;
+use crate::auth::{Auth, AuthFailure, Caller};
+use statement::{Command, user_error};
+
+/// What the PostgreSQL front end needs of the server.
+pub struct PgService {
+    engine: Arc<QueryEngine>,
+    audit: Arc<AuditLog>,
+    auth: Arc<Auth>,
+    /// Accept passwords over plaintext from non-loopback clients.
+    allow_cleartext: bool,
+    connections: Arc<ConnectionManager>,
+    cancel: Arc<DefaultCancelHandler>,
+    keys: RandomPidSecretKeyGenerator,
+}
+
+impl PgService {
+    /// A front end over `engine`, authenticating with `auth`.
+    pub fn new(
+        engine: Arc<QueryEngine>,
+        audit: Arc<AuditLog>,
+        auth: Arc<Auth>,
+        allow_cleartext: bool,
+    ) -> Arc<Self> {
+        let connections = Arc::new(ConnectionManager::new());
+        Arc::new(PgService {
+            engine,
+            audit,
+            auth,
+            allow_cleartext,
+            cancel: Arc::new(DefaultCancelHandler::new(connections.clone())),
+            connections,
+            keys: RandomPidSecretKeyGenerator::default(),
+        })
+    }
+
+    /// Accepts connections on `listener` until `stop` turns true; TLS with `tls`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let handlers = Arc::new(Handlers(self));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, _)) => {
+                        let _ = socket.set_nodelay(true);
+                        let handlers = handlers.clone();
+                        let tls = tls.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
+                                tracing::debug!(error = %e, "PostgreSQL connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot accept a PostgreSQL connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+/// The per-connection state kept in the session's extensions.
+struct Session {
+    /// The token the client logged in with; statements re-check it.
+    token: String,
+    /// The Historian database: the connection's database name.
+    db: String,
+}
+
+/// The cancel handle of a connection, under a type pgwire does not look for: the
+/// handlers here watch it for the whole statement, streaming included.
+struct CancelHandle(Arc<ConnectionHandle>);
+
+/// The pgwire handlers, all on one type.
+struct Handlers(Arc<PgService>);
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::new(Handlers(self.0.clone()))
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::new(Handlers(self.0.clone()))
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::new(Handlers(self.0.clone()))
+    }
+
+    fn cancel_handler(&self) -> Arc<impl pgwire::api::cancel::CancelHandler> {
+        self.0.cancel.clone()
+    }
+}
+
+fn fatal(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "FATAL".into(),
+        code.into(),
+        message,
+    )))
+}
+
+fn auth_error(failure: AuthFailure) -> PgWireError {
+    match failure {
+        AuthFailure::RateLimited(wait) => fatal(
+            "28P01",
+            format!(
+                "too many failed logins from this address; retry in {} s",
+                wait.as_secs().max(1)
+            ),
+        ),
+        AuthFailure::Missing => fatal("28P01", "a token is required as the password".into()),
+        AuthFailure::Refused(_) => fatal(
+            "28P01",
+            "password authentication failed: the password must be a valid Historian token".into(),
+        ),
+    }
+}
+
+struct Parameters;
+
+impl ServerParameterProvider for Parameters {
+    fn server_parameters<C>(&self, client: &C) -> Option<HashMap<String, String>>
+    where
+        C: ClientInfo,
+    {
+        let mut params: HashMap<String, String> = [
+            "server_version",
+            "server_encoding",
+            "client_encoding",
+            "integer_datetimes",
+            "standard_conforming_strings",
+            "is_superuser",
+            "default_transaction_read_only",
+            "search_path",
+            "IntervalStyle",
+            "DateStyle",
+            "TimeZone",
+        ]
+        .iter()
+        .filter_map(|name| {
+            statement::setting(&name.to_lowercase()).map(|v| (name.to_string(), v.to_string()))
+        })
+        .collect();
+        if let Some(app) = client.metadata().get("application_name") {
+            params.insert("application_name".into(), app.clone());
+        }
+        if let Some(user) = client.metadata().get(METADATA_USER) {
+            params.insert("session_authorization".into(), user.clone());
+        }
+        Some(params)
+    }
+}
+
+#[async_trait]
+impl StartupHandler for Handlers {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                if !client.is_secure()
+                    && !client.socket_addr().ip().is_loopback()
+                    && !self.0.allow_cleartext
+                {
+                    return Err(fatal(
+                        "28000",
+                        "a token may not travel in clear text from a non-loopback address: connect with TLS (sslmode=require), or set [server] pg_allow_cleartext = true".into(),
+                    ));
+                }
+                client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                client
+                    .send(PgWireBackendMessage::Authentication(
+                        Authentication::CleartextPassword,
+                    ))
+                    .await?;
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(password) => {
+                let token = password.into_password()?.password;
+                self.0
+                    .auth
+                    .authenticate(Some(&token), client.socket_addr(), crate::session::PGWIRE)
+                    .await
+                    .map_err(auth_error)?;
+                let db = client
+                    .metadata()
+                    .get(METADATA_DATABASE)
+                    .or_else(|| client.metadata().get(METADATA_USER))
+                    .cloned()
+                    .unwrap_or_default();
+                let (pid, secret) = self.0.keys.generate(client);
+                client.set_pid_and_secret_key(pid, secret.clone());
+                let (handle, guard) = self.0.connections.register(pid, secret);
+                let extensions = client.session_extensions();
+                extensions.insert(CancelHandle(handle));
+                extensions.insert(guard);
+                extensions.insert(Session { token, db });
+                finish_authentication(client, &Parameters).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Handlers {
+    /// The connection's session and its caller, checked again now.
+    async fn caller<C: ClientInfo>(&self, client: &C) -> PgWireResult<(Caller, Arc<Session>)> {
+        let session = client
+            .session_extensions()
+            .get::<Session>()
+            .ok_or_else(|| fatal("28000", "not authenticated".into()))?;
+        let caller = self
+            .0
+            .auth
+            .authenticate(
+                Some(&session.token),
+                client.socket_addr(),
+                crate::session::PGWIRE,
+            )
+            .await
+            .map_err(auth_error)?;
+        Ok((caller, session))
+    }
+
+    /// Runs one command; a query streams its rows in `format`.
+    async fn run<C: ClientInfo>(
+        &self,
+        client: &C,
+        command: Command,
+        format: Option<&Format>,
+    ) -> PgWireResult<Response> {
+        Ok(match command {
+            Command::Set => Response::Execution(Tag::new("SET")),
+            Command::Begin => Response::TransactionStart(Tag::new("BEGIN")),
+            Command::Commit => Response::TransactionEnd(Tag::new("COMMIT")),
+            Command::Rollback => Response::TransactionEnd(Tag::new("ROLLBACK")),
+            Command::Housekeeping(tag) => Response::Execution(Tag::new(tag)),
+            Command::Show(name) => {
+                let value = statement::setting(&name).ok_or_else(|| {
+                    user_error(
+                        "42704",
+                        format!("unrecognized configuration parameter \"{name}\""),
+                    )
+                })?;
+                let fields = Arc::new(vec![FieldInfo::new(
+                    name,
+                    None,
+                    None,
+                    Type::TEXT,
+                    pgwire::api::results::FieldFormat::Text,
+                )]);
+                let mut encoder = pgwire::api::results::DataRowEncoder::new(fields.clone());
+                encoder.encode_field(&value)?;
+                let row = encoder.take_row();
+                Response::Query(QueryResponse::new(fields, stream::iter(vec![Ok(row)])))
+            }
+            Command::Query(sql) => {
+                let (caller, session) = self.caller(client).await?;
+                let sql = dialect::rewrite(&sql);
+                let cancel = match client.session_extensions().get::<CancelHandle>() {
+                    Some(handle) => Some(handle.0.start_query().await),
+                    None => None,
+                };
+                let planned = crate::session::query(
+                    &self.0.engine,
+                    &self.0.audit,
+                    &caller,
+                    crate::session::PGWIRE,
+                    &session.db,
+                    &sql,
+                );
+                let result = match cancel {
+                    Some(mut cancel) => tokio::select! {
+                        r = planned => r.map(|s| (s, Some(cancel))),
+                        _ = &mut cancel => return Err(PgWireError::QueryCanceled),
+                    },
+                    None => planned.await.map(|s| (s, None)),
+                };
+                let (result, cancel) = result.map_err(query_error)?;
+                let fields = Arc::new(encode::fields(&result.schema(), format));
+                Response::Query(QueryResponse::new(
+                    fields.clone(),
+                    row_stream(result, fields, cancel),
+                ))
+            }
+        })
+    }
+}
+
+/// The rows of `result`, ending with an error when the client cancels the statement.
+/// Dropping the result (at the end, or when the client goes away) stops the query and
+/// audits it.
+fn row_stream(
+    result: crate::session::AuditedStream,
+    fields: Arc<Vec<FieldInfo>>,
+    cancel: Option<futures::channel::oneshot::Receiver<()>>,
+) -> impl Stream<Item = PgWireResult<DataRow>> + Send + 'static {
+    struct Rows {
+        result: crate::session::AuditedStream,
+        fields: Arc<Vec<FieldInfo>>,
+        cancel: Option<futures::channel::oneshot::Receiver<()>>,
+        pending: std::collections::VecDeque<DataRow>,
+        done: bool,
+    }
+    let rows = Rows {
+        result,
+        fields,
+        cancel,
+        pending: Default::default(),
+        done: false,
+    };
+    stream::unfold(rows, |mut st| async move {
+        loop {
+            if let Some(row) = st.pending.pop_front() {
+                return Some((Ok(row), st));
+            }
+            if st.done {
+                return None;
+            }
+            let Rows { result, cancel, .. } = &mut st;
+            let next = match cancel {
+                Some(cancel) => tokio::select! {
+                    batch = result.next() => batch,
+                    fired = cancel => {
+                        st.cancel = None;
+                        if fired.is_ok() {
+                            st.done = true;
+                            return Some((Err(PgWireError::QueryCanceled), st));
+                        }
+                        continue;
+                    }
+                },
+                None => result.next().await,
+            };
+            match next {
+                None => st.done = true,
+                Some(Ok(batch)) => match encode::rows(&batch, &st.fields) {
+                    Ok(rows) => st.pending.extend(rows),
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
+                },
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(query_error(e)), st));
+                }
+            }
+        }
+    })
+}
+
+/// A query error as PostgreSQL reports it, with its SQLSTATE.
+fn query_error(e: QueryError) -> PgWireError {
+    use query::sandbox::SandboxError;
+    let code = match &e {
+        QueryError::Refused(SandboxError::Syntax(_)) => "42601",
+        QueryError::Refused(_) => "42501",
+        QueryError::DatabaseNotFound(_) => "3D000",
+        QueryError::Invalid(m) if m.contains("not found") => "42P01",
+        QueryError::Invalid(_) => "42000",
+        QueryError::MemoryLimit { .. } => "53200",
+        QueryError::Timeout(_) => "57014",
+        QueryError::Busy(_) => "53300",
+        QueryError::Internal(_) => "XX000",
+    };
+    user_error(code, e.to_string())
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Handlers {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+    {
+        let commands = statement::commands(query);
+        if commands.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let mut responses = Vec::new();
+        for command in commands {
+            match self.run(client, command, None).await {
+                Ok(r) => responses.push(r),
+                Err(e) => {
+                    // PostgreSQL stops at the first failing statement of a message.
+                    responses.push(Response::Error(Box::new(e.into())));
+                    break;
+                }
+            }
+        }
+        Ok(responses)
+    }
+}
+
+/// A prepared statement: its text, and what planning it as its caller said.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    command: Command,
+    parameters: Vec<Type>,
+    schema: arrow::datatypes::SchemaRef,
+}
+
+/// Plans statements at Parse time as the connection's caller.
+pub struct Planner(Arc<PgService>);
+
+#[async_trait]
+impl QueryParser for Planner {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut commands = statement::commands(sql);
+        if commands.is_empty() {
+            return Ok(None);
+        }
+        if commands.len() != 1 {
+            return Err(user_error(
+                "42601",
+                "cannot insert multiple commands into a prepared statement".into(),
+            ));
+        }
+        let command = commands.remove(0);
+        let empty = Arc::new(arrow::datatypes::Schema::empty());
+        let Command::Query(text) = &command else {
+            let schema = match &command {
+                Command::Show(name) => Arc::new(arrow::datatypes::Schema::new(vec![
+                    arrow::datatypes::Field::new(name, arrow::datatypes::DataType::Utf8, true),
+                ])),
+                _ => empty,
+            };
+            return Ok(Some(Prepared {
+                command,
+                parameters: Vec::new(),
+                schema,
+            }));
+        };
+        let handlers = Handlers(self.0.clone());
+        let (caller, session) = handlers.caller(client).await?;
+        let text = dialect::rewrite(text);
+        let (params, schema) = crate::session::describe(
+            &self.0.engine,
+            &self.0.audit,
+            &caller,
+            crate::session::PGWIRE,
+            &session.db,
+            &text,
+        )
+        .await
+        .map_err(query_error)?;
+        let count = params.len().max(types.len());
+        let parameters = (0..count)
+            .map(|i| {
+                types
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .or_else(|| {
+                        params
+                            .get(i)
+                            .cloned()
+                            .flatten()
+                            .map(|t| encode::pg_type(&t))
+                    })
+                    .unwrap_or(Type::UNKNOWN)
+            })
+            .collect();
+        Ok(Some(Prepared {
+            command,
+            parameters,
+            schema,
+        }))
+    }
+
+    fn get_parameter_types(&self, statement: &Prepared) -> PgWireResult<Vec<Type>> {
+        Ok(statement.parameters.clone())
+    }
+
+    fn get_result_schema(
+        &self,
+        statement: &Prepared,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(encode::fields(&statement.schema, format))
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Handlers {
+    type Statement = Prepared;
+    type QueryParser = Planner;
+
+    fn query_parser(&self) -> Arc<Planner> {
+        Arc::new(Planner(self.0.clone()))
+    }
+
+    async fn do_describe_statement<C>(
+        &self,
+        _client: &mut C,
+        target: &StoredStatement<Prepared>,
+    ) -> PgWireResult<DescribeStatementResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let prepared = &target.statement;
+        Ok(DescribeStatementResponse::new(
+            prepared.parameters.clone(),
+            encode::fields(&prepared.schema, None),
+        ))
+    }
+
+    async fn do_describe_portal<C>(
+        &self,
+        _client: &mut C,
+        target: &Portal<Prepared>,
+    ) -> PgWireResult<DescribePortalResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        Ok(DescribePortalResponse::new(encode::fields(
+            &target.statement.statement.schema,
+            Some(&target.result_column_format),
+        )))
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Prepared>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let prepared = &portal.statement.statement;
+        let command = match &prepared.command {
+            Command::Query(sql) => {
+                Command::Query(statement::bind(sql, portal, &prepared.parameters)?)
+            }
+            other => other.clone(),
+        };
+        self.run(client, command, Some(&portal.result_column_format))
+            .await
+    }
+}
