@@ -175,6 +175,17 @@ impl FlightSql {
         Ok(Response::new(info))
     }
 
+    /// The FlightInfo of a catalog command, for an authenticated caller.
+    async fn catalog_info(
+        &self,
+        schema: &Schema,
+        command: Vec<u8>,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request).await?;
+        Self::info(schema, command, request.into_inner())
+    }
+
     /// The prepared statement `handle`, if `caller` made it.
     fn prepared_for(&self, handle: &[u8], caller: &Caller) -> Result<Prepared, Status> {
         let handle = String::from_utf8_lossy(handle).to_string();
@@ -483,12 +494,12 @@ impl FlightSqlService for FlightSql {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request).await?;
-        Self::info(
+        self.catalog_info(
             &query.into_builder().schema(),
             query.as_any().encode_to_vec(),
-            request.into_inner(),
+            request,
         )
+        .await
     }
 
     async fn do_get_catalogs(
@@ -507,12 +518,12 @@ impl FlightSqlService for FlightSql {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request).await?;
-        Self::info(
+        self.catalog_info(
             &query.clone().into_builder().schema(),
             query.as_any().encode_to_vec(),
-            request.into_inner(),
+            request,
         )
+        .await
     }
 
     async fn do_get_schemas(
@@ -531,12 +542,12 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request).await?;
-        Self::info(
+        self.catalog_info(
             &query.clone().into_builder().schema(),
             query.as_any().encode_to_vec(),
-            request.into_inner(),
+            request,
         )
+        .await
     }
 
     async fn do_get_tables(
@@ -547,6 +558,9 @@ impl FlightSqlService for FlightSql {
         let caller = self.caller(&request).await?;
         let db = Self::database(&request)?;
         let tables = self.tables(&caller, &db).await?;
+        let mut event = caller.event("catalog", FLIGHT);
+        event.fields.tables = tables.iter().map(|(name, _)| name.clone()).collect();
+        self.audit.record(event).await;
         let mut builder = query.into_builder();
         for (name, schema) in tables {
             builder
@@ -561,12 +575,12 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request).await?;
-        Self::info(
+        self.catalog_info(
             &table_types_schema(),
             query.as_any().encode_to_vec(),
-            request.into_inner(),
+            request,
         )
+        .await
     }
 
     async fn do_get_table_types(
@@ -590,12 +604,12 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request).await?;
-        Self::info(
+        self.catalog_info(
             query.clone().into_builder(&self.sql_info).schema().as_ref(),
             query.as_any().encode_to_vec(),
-            request.into_inner(),
+            request,
         )
+        .await
     }
 
     async fn do_get_sql_info(

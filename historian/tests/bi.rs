@@ -625,6 +625,37 @@ try:
     out["bad_token"] = "served"
 except fl.FlightError as e:
     out["bad_token"] = type(e).__name__
+# A handshake with basic auth answers with the bearer token to use.
+header = client.authenticate_basic_token(b"anyone", TOKEN.encode())
+out["handshake"] = header[1].decode().startswith("Bearer ")
+opts = fl.FlightCallOptions(headers=[header, (b"database", b"plant")])
+info = client.get_flight_info(fl.FlightDescriptor.for_command(command("SELECT 1 AS one")), opts)
+out["after_handshake"] = client.do_get(info.endpoints[0].ticket, opts).read_all().to_pylist()
+# A prepared statement belongs to the token that made it.
+def fields(b):
+    i, found = 0, {}
+    while i < len(b):
+        key = b[i]; i += 1
+        n, shift = 0, 0
+        while True:
+            c = b[i]; i += 1
+            n |= (c & 0x7f) << shift; shift += 7
+            if c < 0x80:
+                break
+        found[key >> 3] = b[i:i + n]; i += n
+    return found
+create = field(1, b"type.googleapis.com/arrow.flight.protocol.sql.ActionCreatePreparedStatementRequest") + field(2, field(1, b"SELECT count(*) AS n FROM machine"))
+result = list(client.do_action(fl.Action("CreatePreparedStatement", create), options(TOKEN)))[0]
+handle = fields(fields(result.body.to_pybytes())[2])[1]
+def prepared(handle):
+    return field(1, b"type.googleapis.com/arrow.flight.protocol.sql.CommandPreparedStatementQuery") + field(2, field(1, handle))
+info = client.get_flight_info(fl.FlightDescriptor.for_command(prepared(handle)), options(TOKEN))
+out["prepared_own"] = client.do_get(info.endpoints[0].ticket, options(TOKEN)).read_all().to_pylist()
+try:
+    client.get_flight_info(fl.FlightDescriptor.for_command(prepared(handle)), options(OTHER))
+    out["prepared_other"] = "served"
+except Exception as e:
+    out["prepared_other"] = str(e)
 "#;
     let admin = flight(&server, &server.token, &l1, script);
     assert_eq!(
@@ -642,11 +673,22 @@ except fl.FlightError as e:
     assert_eq!(admin["own_ticket"], serde_json::json!([{"n": 20}]));
     assert_eq!(admin["other_ticket"], "FlightUnauthorizedError");
     assert_eq!(admin["bad_token"], "FlightUnauthenticatedError");
+    assert_eq!(admin["handshake"], true);
+    assert_eq!(admin["after_handshake"], serde_json::json!([{"one": 1}]));
+    assert_eq!(admin["prepared_own"], serde_json::json!([{"n": 20}]));
+    assert!(
+        admin["prepared_other"]
+            .as_str()
+            .unwrap()
+            .contains("no such prepared statement"),
+        "{admin}"
+    );
     let sup = flight(&server, &l1, &server.token, script);
     assert_eq!(sup["by_line"], serde_json::json!([{"line": "L1", "n": 10}]));
     assert_eq!(sup["param"], 0);
     assert_eq!(sup["badge"], "error");
     assert_eq!(sup["own_ticket"], serde_json::json!([{"n": 10}]));
+    assert_eq!(sup["prepared_own"], serde_json::json!([{"n": 10}]));
 
     // Flight SQL statements are in the audit log as such.
     let auditor = server.client_as(&server.token_for("auditor", &[]));

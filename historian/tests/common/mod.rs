@@ -1,6 +1,8 @@
 //! Starts the real `historian` binary on a free loopback port and a temporary directory.
 #![allow(dead_code)]
 
+pub mod policy;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
