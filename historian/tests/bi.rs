@@ -35,6 +35,9 @@ columns = { operator_name = "mask", badge_id = "deny" }
 [roles.supervisor.tables.machine]
 read = true
 rows = "line IN ($lines)"
+
+[roles.machine_reader.tables.machine]
+read = true
 "#;
 
 fn now_ns() -> i64 {
@@ -481,6 +484,149 @@ with psycopg.connect(DSN, autocommit=True) as conn:
         let first_bucket = series[0][0].as_f64().unwrap() as i64;
         assert_eq!(first_bucket, base / 1_000_000_000 / 300 * 300);
     }
+}
+
+/// Written down from pgJDBC's `PgDatabaseMetaData` (getTables, getColumns, getSchemas): the
+/// catalog queries DBeaver and Metabase run through it, sent as pgJDBC sends them
+/// (extended protocol, bound parameters).
+const PGJDBC: &str = r#"
+TABLES = ("SELECT NULL AS TABLE_CAT, n.nspname AS TABLE_SCHEM, c.relname AS TABLE_NAME, "
+ " CASE n.nspname ~ '^pg_' OR n.nspname = 'information_schema' "
+ " WHEN true THEN CASE "
+ " WHEN n.nspname = 'pg_catalog' OR n.nspname = 'information_schema' THEN CASE c.relkind "
+ "  WHEN 'r' THEN 'SYSTEM TABLE' "
+ "  WHEN 'v' THEN 'SYSTEM VIEW' "
+ "  WHEN 'i' THEN 'SYSTEM INDEX' "
+ "  ELSE NULL "
+ "  END "
+ " WHEN n.nspname = 'pg_toast' THEN CASE c.relkind "
+ "  WHEN 'r' THEN 'SYSTEM TOAST TABLE' "
+ "  WHEN 'i' THEN 'SYSTEM TOAST INDEX' "
+ "  ELSE NULL "
+ "  END "
+ " ELSE CASE c.relkind "
+ "  WHEN 'r' THEN 'TEMPORARY TABLE' "
+ "  WHEN 'i' THEN 'TEMPORARY INDEX' "
+ "  WHEN 'S' THEN 'TEMPORARY SEQUENCE' "
+ "  WHEN 'v' THEN 'TEMPORARY VIEW' "
+ "  ELSE NULL "
+ "  END "
+ " END "
+ " WHEN false THEN CASE c.relkind "
+ " WHEN 'r' THEN 'TABLE' "
+ " WHEN 'i' THEN 'INDEX' "
+ " WHEN 'S' THEN 'SEQUENCE' "
+ " WHEN 'v' THEN 'VIEW' "
+ " WHEN 'c' THEN 'TYPE' "
+ " WHEN 'f' THEN 'FOREIGN TABLE' "
+ " ELSE NULL "
+ " END "
+ " ELSE NULL "
+ " END "
+ " AS TABLE_TYPE, d.description AS REMARKS "
+ " FROM pg_catalog.pg_namespace n, pg_catalog.pg_class c "
+ " LEFT JOIN pg_catalog.pg_description d ON (c.oid = d.objoid AND d.objsubid = 0) "
+ " LEFT JOIN pg_catalog.pg_class dc ON (d.classoid=dc.oid AND dc.relname='pg_class') "
+ " LEFT JOIN pg_catalog.pg_namespace dn ON (dn.oid=dc.relnamespace AND dn.nspname='pg_catalog') "
+ " WHERE c.relnamespace = n.oid "
+ " AND n.nspname LIKE $1 AND c.relname LIKE $2 "
+ " AND (false  OR ( c.relkind = 'r' AND n.nspname !~ '^pg_' AND n.nspname <> 'information_schema' ) ) "
+ " ORDER BY TABLE_TYPE,TABLE_SCHEM,TABLE_NAME ")
+COLUMNS = ("SELECT * FROM ("
+ "   SELECT n.nspname,c.relname,a.attname,a.atttypid,a.attnotnull OR (t.typtype = 'd' AND t.typnotnull) AS attnotnull,a.atttypmod,a.attlen,a.attrelid,"
+ "     row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum) AS attnum, pg_catalog.pg_get_expr(def.adbin, def.adrelid) AS adsrc,dsc.description,t.typbasetype,t.typtype "
+ "   FROM pg_catalog.pg_namespace n "
+ "   JOIN pg_catalog.pg_class c ON (c.relnamespace = n.oid) "
+ "   JOIN pg_catalog.pg_attribute a ON (a.attrelid=c.oid) "
+ "   JOIN pg_catalog.pg_type t ON (a.atttypid = t.oid) "
+ "   LEFT JOIN pg_catalog.pg_attrdef def ON (a.attrelid=def.adrelid AND a.attnum = def.adnum) "
+ "   LEFT JOIN pg_catalog.pg_description dsc ON (c.oid=dsc.objoid AND a.attnum = dsc.objsubid) "
+ "   LEFT JOIN pg_catalog.pg_class dc ON (dc.oid=dsc.classoid AND dc.relname='pg_class') "
+ "   LEFT JOIN pg_catalog.pg_namespace dn ON (dc.relnamespace=dn.oid AND dn.nspname='pg_catalog') "
+ "   WHERE a.attnum > 0 AND NOT a.attisdropped "
+ " AND n.nspname LIKE $1 AND c.relname LIKE $2 ) c ORDER BY nspname,c.relname,attnum ")
+SCHEMAS = ("SELECT nspname AS TABLE_SCHEM,  NULL AS TABLE_CATALOG"
+ " FROM pg_catalog.pg_namespace "
+ " WHERE "
+ " ("
+ " nspname <> 'pg_toast'"
+ " AND"
+ " (nspname !~ '^pg_temp_\\d+' OR nspname = (pg_catalog.current_schemas(true))[1])"
+ " AND"
+ " (nspname !~ '^pg_toast_temp_' OR nspname = replace((pg_catalog.current_schemas(true))[1], 'pg_temp_', 'pg_toast_temp_'))"
+ " )"
+ " ORDER BY TABLE_SCHEM")
+out = {}
+with psycopg.connect(DSN, autocommit=True) as conn:
+    for name, sql, params in [("tables", TABLES, ("public", "%")), ("machine", COLUMNS, ("public", "machine")), ("mes_event", COLUMNS, ("public", "mes_event")), ("schemas", SCHEMAS, ())]:
+        out[name] = conn.execute(sql.replace("$1", "%s").replace("$2", "%s"), params).fetchall()
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bi_tools_catalog_queries_see_each_role_its_own_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), CONFIG);
+    load(&server).await;
+    let supervisor = server.token_for("supervisor", &["lines=L1"]);
+    let reader = server.token_for("machine_reader", &[]);
+    let columns = |out: &Value, table: &str| -> Vec<String> {
+        out[table]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[2].as_str().unwrap().to_string())
+            .collect()
+    };
+    let out = psycopg(&server, &supervisor, PGJDBC);
+    let tables: Vec<&str> = out["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r[0], Value::Null, "TABLE_CAT");
+            assert_eq!(r[3], "TABLE");
+            r[2].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(tables, ["machine", "mes_event"]);
+    let mut machine_columns = columns(&out, "machine");
+    machine_columns.sort();
+    assert_eq!(
+        machine_columns,
+        ["count", "line", "machine", "running", "temperature", "time"]
+    );
+    // Type OIDs as pgJDBC maps them: time is timestamp, temperature float8.
+    let machine = out["machine"].as_array().unwrap();
+    let oid = |name: &str| machine.iter().find(|r| r[2] == name).unwrap()[3].clone();
+    assert_eq!(oid("time"), 1114);
+    assert_eq!(oid("temperature"), 701);
+    assert_eq!(oid("count"), 20);
+    assert_eq!(oid("running"), 16);
+    let events = columns(&out, "mes_event");
+    assert!(events.contains(&"operator_name".to_string()), "{events:?}");
+    assert!(
+        !events.contains(&"badge_id".to_string()),
+        "denied: {events:?}"
+    );
+    assert_eq!(
+        out["schemas"],
+        serde_json::json!([
+            ["information_schema", null],
+            ["pg_catalog", null],
+            ["public", null]
+        ])
+    );
+
+    // A role that reads one table finds one table, and nothing of the other.
+    let out = psycopg(&server, &reader, PGJDBC);
+    let tables: Vec<&str> = out["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[2].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, ["machine"]);
+    assert!(out["mes_event"].as_array().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -105,9 +105,16 @@ fn normalise(array: &ArrayRef) -> PgWireResult<Column> {
     if target == DataType::Null {
         let formatter =
             ArrayFormatter::try_new(array.as_ref(), &FormatOptions::default()).map_err(internal)?;
+        // Logical nulls: a NULL-typed column has no null buffer but every value is NULL.
+        let nulls = array.logical_nulls();
         return Ok(Column::Text(
             (0..array.len())
-                .map(|i| array.is_valid(i).then(|| formatter.value(i).to_string()))
+                .map(|i| {
+                    nulls
+                        .as_ref()
+                        .is_none_or(|n| n.is_valid(i))
+                        .then(|| formatter.value(i).to_string())
+                })
                 .collect(),
         ));
     }
@@ -250,6 +257,15 @@ mod tests {
             assert_eq!(rows[0].field_count, 3);
         }
         let text = Arc::new(super::fields(&schema, None));
+        // A NULL literal column (`SELECT NULL AS x`) is NULL, not an empty string.
+        let nulls = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("x", DataType::Null, true)])),
+            vec![arrow::array::new_null_array(&DataType::Null, 1)],
+        )
+        .unwrap();
+        let null_fields = Arc::new(super::fields(&nulls.schema(), None));
+        let row = super::rows(&nulls, &null_fields).unwrap();
+        assert_eq!(&row[0].data[..], &(-1i32).to_be_bytes()[..]);
         let rows = rows(&batch, &text).unwrap();
         let first = String::from_utf8_lossy(&rows[0].data);
         assert!(first.contains("2023-11-14 22:13:20.123456"), "{first}");

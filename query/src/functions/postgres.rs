@@ -57,6 +57,8 @@ enum Kind {
     /// Always NULL text: `obj_description`, `pg_get_expr`, ...
     NullText,
     CurrentSetting,
+    /// `current_schemas(include_implicit)`: the search path.
+    CurrentSchemas,
     FormatType,
     QuoteIdent,
     ParseIdent,
@@ -84,7 +86,9 @@ impl ScalarUDFImpl for PgFunction {
         Ok(match self.kind {
             Kind::Bool(_) => DataType::Boolean,
             Kind::ArrayLower | Kind::ArrayUpper => DataType::Int32,
-            Kind::ParseIdent => DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            Kind::ParseIdent | Kind::CurrentSchemas => {
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+            }
             _ => DataType::Utf8,
         })
     }
@@ -103,6 +107,12 @@ impl ScalarUDFImpl for PgFunction {
                 })
             }),
             Kind::QuoteIdent => text_map(&args.args[0], rows, |s| Ok(quote_ident(s))),
+            Kind::CurrentSchemas => {
+                let list = ListArray::from_iter_primitive_like(
+                    (0..rows).map(|_| Some(vec![Some("public".to_string())])),
+                );
+                Ok(ColumnarValue::Array(Arc::new(list)))
+            }
             Kind::FormatType => {
                 let oids = args.args[0].to_array(rows)?;
                 let oids = arrow::compute::cast(&oids, &DataType::Int64)?;
@@ -311,6 +321,7 @@ pub fn register(ctx: &SessionContext, db: &str) {
         function("pg_backend_pid", Kind::Text("0".into()), Nullary),
         function("pg_is_in_recovery", Kind::Bool(false), Nullary),
         function("current_setting", Kind::CurrentSetting, text()),
+        function("current_schemas", Kind::CurrentSchemas, Any(1)),
         function("quote_ident", Kind::QuoteIdent, text()),
         function("parse_ident", Kind::ParseIdent, text()),
         function("pg_encoding_to_char", Kind::Text("UTF8".into()), Any(1)),
