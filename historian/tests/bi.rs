@@ -694,6 +694,28 @@ out["loopback_plain"] = connect("127.0.0.1", "disable")
     );
     assert_eq!(out["outside_tls"], serde_json::json!(["ok", true, 1]));
     assert_eq!(out["loopback_plain"], serde_json::json!(["ok", false, 1]));
+
+    // Flight SQL shares the HTTP port's TLS: gRPC over TLS answers, plaintext gRPC does not.
+    let script = r#"
+import json, sys
+import pyarrow.flight as fl
+ADDR, TOKEN = sys.argv[1], sys.argv[2]
+def call(uri, **kw):
+    try:
+        client = fl.FlightClient(uri, **kw)
+        header = client.authenticate_basic_token(b"x", TOKEN.encode())
+        return ["ok", header[1].decode().startswith("Bearer ")]
+    except Exception as e:
+        return ["error", type(e).__name__]
+print(json.dumps({
+    "tls": call("grpc+tls://" + ADDR, disable_server_verification=True),
+    "plain": call("grpc://" + ADDR),
+}))
+"#;
+    let stdout = common::run_python(script, &[&server.addr, &server.token]);
+    let out: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(out["tls"], serde_json::json!(["ok", true]), "{out}");
+    assert_eq!(out["plain"][0], "error", "{out}");
 }
 
 /// Runs a Flight SQL script with `URI`, `TOKEN` in its globals; returns its JSON output.
