@@ -1,6 +1,7 @@
 """TSBS cpu-only queries: Historian over HTTP (format=arrow) against DuckDB reading the same
 Parquet files, median of several runs each; or, with --under-load, query latencies while
-something else writes.
+something else writes; or, with --interfaces, the same queries over HTTP, Flight SQL (ADBC)
+and the PostgreSQL protocol (psycopg, binary results).
 
 Used by benches/scripts/query-bench.sh; runs with the test venv's Python (duckdb, pyarrow).
 """
@@ -136,6 +137,44 @@ def policy(args):
           f"{total_role / total_admin:.2f} |")
 
 
+def interfaces(args):
+    """The TSBS set over each interface, interleaved per query; every row fetched."""
+    import adbc_driver_flightsql.dbapi as flightsql
+    import psycopg
+    from adbc_driver_flightsql import DatabaseOptions
+    token = os.environ.get("HISTORIAN_TOKEN", "")
+    flight = flightsql.connect(args.flight, db_kwargs={
+        DatabaseOptions.AUTHORIZATION_HEADER.value: "Bearer " + token,
+        DatabaseOptions.RPC_CALL_HEADER_PREFIX.value + "database": args.db,
+    }, autocommit=True)
+    fcur = flight.cursor()
+    pg = psycopg.connect(host="127.0.0.1", port=args.pg_port, dbname=args.db, user="bench",
+                         password=token, sslmode="disable", autocommit=True)
+    pcur = pg.cursor(binary=True)
+
+    def via_flight(sql):
+        fcur.execute(sql)
+        return fcur.fetch_arrow_table().num_rows
+
+    def via_pg(sql):
+        pcur.execute(sql)
+        return len(pcur.fetchall())
+
+    print("| query | rows | HTTP (arrow) ms | Flight SQL (ADBC) ms | PostgreSQL (psycopg, binary) ms |")
+    print("|---|---|---|---|---|")
+    totals = [0.0, 0.0, 0.0]
+    for name, sql in queries(False).items():
+        h_ms, h_rows = timed(lambda: historian(args.url, args.db, sql), args.runs)
+        f_ms, f_rows = timed(lambda: via_flight(sql), args.runs)
+        p_ms, p_rows = timed(lambda: via_pg(sql), args.runs)
+        if not h_rows == f_rows == p_rows:
+            sys.exit(f"{name}: HTTP {h_rows} rows, Flight {f_rows}, PostgreSQL {p_rows}")
+        for i, v in enumerate((h_ms, f_ms, p_ms)):
+            totals[i] += v
+        print(f"| {name} | {h_rows} | {h_ms:.1f} | {f_ms:.1f} | {p_ms:.1f} |", flush=True)
+    print(f"| all (sum of medians) | | {totals[0]:.1f} | {totals[1]:.1f} | {totals[2]:.1f} |")
+
+
 def under_load(args):
     """Dashboard-style queries over the data being written, back to back for --seconds."""
     recent = {
@@ -176,8 +215,13 @@ def main():
     ap.add_argument("--under-load", action="store_true")
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--policy-token", help="compare admin with this token's role")
+    ap.add_argument("--interfaces", action="store_true", help="HTTP vs Flight SQL vs PostgreSQL")
+    ap.add_argument("--flight", default="grpc://127.0.0.1:18181")
+    ap.add_argument("--pg-port", default="15432")
     args = ap.parse_args()
-    if args.policy_token:
+    if args.interfaces:
+        interfaces(args)
+    elif args.policy_token:
         policy(args)
     elif args.under_load:
         under_load(args)

@@ -152,7 +152,7 @@ impl FlightSql {
         let result = crate::session::query(&self.engine, &self.audit, caller, FLIGHT, db, sql)
             .await
             .map_err(query_status)?;
-        let schema = result.schema();
+        let schema = Arc::new(announced(&result.schema()));
         let batches =
             result.map_err(|e| arrow_flight::error::FlightError::Tonic(Box::new(query_status(e))));
         let stream = FlightDataEncoderBuilder::new()
@@ -168,7 +168,7 @@ impl FlightSql {
         descriptor: FlightDescriptor,
     ) -> Result<Response<FlightInfo>, Status> {
         let info = FlightInfo::new()
-            .try_with_schema(&hydrated(schema))
+            .try_with_schema(schema)
             .map_err(|e| Status::internal(format!("cannot encode the schema: {e}")))?
             .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
             .with_descriptor(descriptor);
@@ -318,7 +318,7 @@ impl FlightSqlService for FlightSql {
             statement_handle: handle.into(),
         };
         Self::info(
-            &schema,
+            &announced(&schema),
             ticket.as_any().encode_to_vec(),
             request.into_inner(),
         )
@@ -395,7 +395,7 @@ impl FlightSqlService for FlightSql {
         }
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle.into_bytes().into(),
-            dataset_schema: ipc_schema(&schema)?,
+            dataset_schema: ipc_schema(&announced(&schema))?,
             parameter_schema: ipc_schema(&parameter_schema)?,
         })
     }
@@ -460,7 +460,7 @@ impl FlightSqlService for FlightSql {
         .await
         .map_err(query_status)?;
         Self::info(
-            &schema,
+            &announced(&schema),
             query.as_any().encode_to_vec(),
             request.into_inner(),
         )
@@ -636,16 +636,19 @@ impl FlightSqlService for FlightSql {
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
 
-/// `schema` as the encoder sends it: dictionary columns (tags) as their values.
-fn hydrated(schema: &Schema) -> Schema {
+/// `schema` as FlightInfo announces it and DoGet sends it: dictionary columns (tags) as
+/// their values, as the encoder sends them, and every column nullable, since the plan
+/// that runs may know more about nullability than the plan that was described.
+fn announced(schema: &Schema) -> Schema {
     let fields: Vec<Field> = schema
         .fields()
         .iter()
-        .map(|f| match f.data_type() {
-            DataType::Dictionary(_, value) => {
-                f.as_ref().clone().with_data_type(value.as_ref().clone())
+        .map(|f| {
+            let field = f.as_ref().clone().with_nullable(true);
+            match f.data_type() {
+                DataType::Dictionary(_, value) => field.with_data_type(value.as_ref().clone()),
+                _ => field,
             }
-            _ => f.as_ref().clone(),
         })
         .collect();
     Schema::new_with_metadata(fields, schema.metadata().clone())

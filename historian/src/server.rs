@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
+
 use ingest::{IngestMetrics, Ingester};
 use prometheus_client::registry::Registry;
 use store::Lake;
@@ -204,7 +206,13 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
     match tls {
         Some(tls) => {
             let handle = axum_server::Handle::new();
-            let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+            // TCP_NODELAY: small responses (gRPC frames, query results) leave at once
+            // instead of waiting out the peer's delayed ACK (40 ms per Flight call).
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+                .acceptor(axum_server::accept::NoDelayAcceptor::new());
+            let server = axum_server::from_tcp(listener)?
+                .acceptor(acceptor)
+                .handle(handle.clone());
             tokio::spawn(async move {
                 shutdown_signal().await;
                 handle.graceful_shutdown(Some(std::time::Duration::from_secs(30)));
@@ -216,7 +224,10 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
         }
         None => {
             listener.set_nonblocking(true)?;
-            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+                // As above: no delayed-ACK stalls on small responses.
+                let _ = tcp.set_nodelay(true);
+            });
             tracing::info!(%addr, "listening for HTTP");
             println!("historian listening on http://{addr}");
             axum::serve(listener, app)

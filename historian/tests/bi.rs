@@ -160,6 +160,22 @@ async fn psql_sees_each_role_its_own_tables_rows_and_columns() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "L1|10", "the row policy holds over pgwire");
 
+    // FETCH_COUNT: psql reads through a cursor, a few rows at a time.
+    for (token, expected) in [(&admin, 20), (&l1, 10)] {
+        let (ok, out, err) = psql(
+            &server,
+            token,
+            &[
+                "-v",
+                "FETCH_COUNT=3",
+                "-c",
+                "SELECT line, temperature FROM machine ORDER BY time, line",
+            ],
+        );
+        assert!(ok, "{err}");
+        assert_eq!(out.lines().count(), expected, "{out}");
+    }
+
     // \dt lists what the role may read; \d describes a table's columns with PG types.
     let (ok, out, err) = psql(&server, &admin, &["-c", "\\dt"]);
     assert!(ok, "{err}");
@@ -227,6 +243,14 @@ with psycopg.connect(DSN, autocommit=True) as conn:
     cur.execute("SELECT count(*) FROM machine WHERE line = %s", ("L1' OR '1'='1",))
     out["injection"] = cur.fetchone()[0]
     out["version"] = conn.execute("SELECT version()").fetchone()[0]
+# A named (server-side) cursor: DECLARE, FETCH in pieces, CLOSE.
+with psycopg.connect(DSN) as tx:
+    with tx.cursor(name="pieces") as c:
+        c.execute("SELECT count FROM machine WHERE line = %s ORDER BY time", ("L1",))
+        first = c.fetchmany(3)
+        rest = c.fetchall()
+        out["cursor"] = [r[0] for r in first] + [r[0] for r in rest]
+with psycopg.connect(DSN, autocommit=True) as conn:
     out["server_version"] = conn.info.server_version
     # Cancellation: a long query stops with query_canceled.
     import threading, time
@@ -273,6 +297,10 @@ with psycopg.connect(DSN, autocommit=True) as conn:
             .starts_with("PostgreSQL 16")
     );
     assert_eq!(admin_out["server_version"], 160006);
+    assert_eq!(
+        admin_out["cursor"],
+        serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    );
     assert_eq!(admin_out["cancel"], "cancelled");
     assert!(admin_out["cancel_s"].as_f64().unwrap() < 10.0);
     assert_eq!(admin_out["after_cancel"], 1);
@@ -746,6 +774,10 @@ cur.execute("SELECT line, count(*) AS n FROM machine GROUP BY line ORDER BY line
 out["by_line"] = cur.fetch_arrow_table().to_pylist()
 cur.execute("SELECT count(*) AS n FROM machine WHERE temperature > ?", parameters=(90.5,))
 out["param"] = cur.fetchone()[0]
+# The latest row per series (the lastpoint fast path, whose plan knows more about
+# nullability than the described one): the announced schema still holds.
+cur.execute("SELECT DISTINCT ON (machine) * FROM machine ORDER BY machine, time DESC")
+out["lastpoint"] = cur.fetch_arrow_table().num_rows
 objects = conn.adbc_get_objects(depth="columns").read_all().to_pylist()
 tables = {}
 for catalog in objects:
@@ -831,6 +863,7 @@ except Exception as e:
         serde_json::json!([{"line": "L1", "n": 10}, {"line": "L2", "n": 10}])
     );
     assert_eq!(admin["param"], 9);
+    assert_eq!(admin["lastpoint"], 2);
     assert_eq!(admin["vendor"], "Historian");
     assert!(
         admin["tables"]["mes_event"]
@@ -854,6 +887,7 @@ except Exception as e:
     let sup = flight(&server, &l1, &server.token, script);
     assert_eq!(sup["by_line"], serde_json::json!([{"line": "L1", "n": 10}]));
     assert_eq!(sup["param"], 0);
+    assert_eq!(sup["lastpoint"], 1);
     assert_eq!(sup["badge"], "error");
     assert_eq!(sup["own_ticket"], serde_json::json!([{"n": 10}]));
     assert_eq!(sup["prepared_own"], serde_json::json!([{"n": 10}]));

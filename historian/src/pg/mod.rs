@@ -118,6 +118,48 @@ struct Session {
     db: String,
 }
 
+/// An open cursor: its rows, described by its fields.
+struct Cursor {
+    schema: arrow::datatypes::SchemaRef,
+    result: crate::session::AuditedStream,
+    /// Rows of the last batch that the previous FETCH did not take.
+    leftover: Option<arrow::record_batch::RecordBatch>,
+}
+
+impl Cursor {
+    /// The next `count` rows (None = all the rest), in batches.
+    async fn fetch(
+        &mut self,
+        count: Option<usize>,
+    ) -> PgWireResult<Vec<arrow::record_batch::RecordBatch>> {
+        let mut out = Vec::new();
+        let mut wanted = count.unwrap_or(usize::MAX);
+        while wanted > 0 {
+            let batch = match self.leftover.take() {
+                Some(b) => b,
+                None => match self.result.next().await {
+                    Some(b) => b.map_err(query_error)?,
+                    None => break,
+                },
+            };
+            if batch.num_rows() > wanted {
+                self.leftover = Some(batch.slice(wanted, batch.num_rows() - wanted));
+                out.push(batch.slice(0, wanted));
+                wanted = 0;
+            } else {
+                wanted -= batch.num_rows();
+                out.push(batch);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The connection's open cursors. Each holds its running query; closing it (or the
+/// connection) stops the query.
+#[derive(Default)]
+struct Cursors(tokio::sync::Mutex<HashMap<String, Cursor>>);
+
 /// The cancel handle of a connection, under a type pgwire does not look for: the
 /// handlers here watch it for the whole statement, streaming included.
 struct CancelHandle(Arc<ConnectionHandle>);
@@ -296,6 +338,77 @@ impl Handlers {
             Command::Commit => Response::TransactionEnd(Tag::new("COMMIT")),
             Command::Rollback => Response::TransactionEnd(Tag::new("ROLLBACK")),
             Command::Housekeeping(tag) => Response::Execution(Tag::new(tag)),
+            Command::Unsupported(what) => {
+                return Err(user_error("0A000", format!("{what} is not supported")));
+            }
+            Command::Declare { name, query } => {
+                let (caller, session) = self.caller(client).await?;
+                let cursors = client
+                    .session_extensions()
+                    .get_or_insert_with(Cursors::default);
+                let mut cursors = cursors.0.lock().await;
+                if cursors.contains_key(&name) {
+                    return Err(user_error(
+                        "42P03",
+                        format!("cursor \"{name}\" already exists"),
+                    ));
+                }
+                let sql = dialect::rewrite(&query);
+                let result = crate::session::query(
+                    &self.0.engine,
+                    &self.0.audit,
+                    &caller,
+                    crate::session::PGWIRE,
+                    &session.db,
+                    &sql,
+                )
+                .await
+                .map_err(query_error)?;
+                cursors.insert(
+                    name,
+                    Cursor {
+                        schema: result.schema(),
+                        result,
+                        leftover: None,
+                    },
+                );
+                Response::Execution(Tag::new("DECLARE CURSOR"))
+            }
+            Command::Fetch { name, count } => {
+                // The token is checked again: a revoked token fetches nothing more.
+                self.caller(client).await?;
+                let cursors = client
+                    .session_extensions()
+                    .get_or_insert_with(Cursors::default);
+                let mut cursors = cursors.0.lock().await;
+                let cursor = cursors.get_mut(&name).ok_or_else(|| {
+                    user_error("34000", format!("cursor \"{name}\" does not exist"))
+                })?;
+                let fields = Arc::new(encode::fields(&cursor.schema, format));
+                let mut rows = Vec::new();
+                for batch in cursor.fetch(count).await? {
+                    rows.extend(encode::rows(&batch, &fields)?);
+                }
+                let mut response =
+                    QueryResponse::new(fields, stream::iter(rows.into_iter().map(Ok)));
+                response.set_command_tag("FETCH");
+                Response::Query(response)
+            }
+            Command::Close(name) => {
+                let cursors = client
+                    .session_extensions()
+                    .get_or_insert_with(Cursors::default);
+                let mut cursors = cursors.0.lock().await;
+                match name {
+                    Some(name) => {
+                        cursors.remove(&name).ok_or_else(|| {
+                            user_error("34000", format!("cursor \"{name}\" does not exist"))
+                        })?;
+                    }
+                    None => cursors.clear(),
+                }
+                Response::Execution(Tag::new("CLOSE CURSOR"))
+            }
             Command::Show(name) => {
                 let value = statement::setting(&name).ok_or_else(|| {
                     user_error(
@@ -490,11 +603,26 @@ impl QueryParser for Planner {
         }
         let command = commands.remove(0);
         let empty = Arc::new(arrow::datatypes::Schema::empty());
-        let Command::Query(text) = &command else {
+        let text = match &command {
+            Command::Query(text) => text,
+            // A cursor's query is planned (and its parameters typed) like any query; the
+            // DECLARE itself returns no rows.
+            Command::Declare { query, .. } => query,
+            _ => "",
+        };
+        if text.is_empty() {
             let schema = match &command {
                 Command::Show(name) => Arc::new(arrow::datatypes::Schema::new(vec![
                     arrow::datatypes::Field::new(name, arrow::datatypes::DataType::Utf8, true),
                 ])),
+                // FETCH returns the rows its cursor describes.
+                Command::Fetch { name, .. } => match client.session_extensions().get::<Cursors>() {
+                    Some(cursors) => match cursors.0.lock().await.get(name) {
+                        Some(c) => c.schema.clone(),
+                        None => empty,
+                    },
+                    None => empty,
+                },
                 _ => empty,
             };
             return Ok(Some(Prepared {
@@ -502,7 +630,7 @@ impl QueryParser for Planner {
                 parameters: Vec::new(),
                 schema,
             }));
-        };
+        }
         let handlers = Handlers(self.0.clone());
         let (caller, session) = handlers.caller(client).await?;
         let text = dialect::rewrite(text);
@@ -533,6 +661,10 @@ impl QueryParser for Planner {
                     .unwrap_or(Type::UNKNOWN)
             })
             .collect();
+        let schema = match &command {
+            Command::Declare { .. } => empty,
+            _ => schema,
+        };
         Ok(Some(Prepared {
             command,
             parameters,
@@ -614,9 +746,41 @@ impl ExtendedQueryHandler for Handlers {
             Command::Query(sql) => {
                 Command::Query(statement::bind(sql, portal, &prepared.parameters)?)
             }
+            Command::Declare { name, query } => Command::Declare {
+                name: name.clone(),
+                query: statement::bind(query, portal, &prepared.parameters)?,
+            },
             other => other.clone(),
         };
-        self.run(client, command, Some(&portal.result_column_format))
-            .await
+        let declared = match &command {
+            Command::Declare { name, .. } => Some(name.clone()),
+            _ => None,
+        };
+        let response = self
+            .run(client, command, Some(&portal.result_column_format))
+            .await?;
+        if let Some(name) = declared {
+            // As in PostgreSQL, a declared cursor is also a portal of its name: drivers
+            // (psycopg's named cursors) describe it before they FETCH.
+            let schema = match client.session_extensions().get::<Cursors>() {
+                Some(cursors) => cursors.0.lock().await.get(&name).map(|c| c.schema.clone()),
+                None => None,
+            };
+            if let Some(schema) = schema {
+                let fetch = Prepared {
+                    command: Command::Fetch {
+                        name: name.clone(),
+                        count: None,
+                    },
+                    parameters: Vec::new(),
+                    schema,
+                };
+                let statement = Arc::new(StoredStatement::new(name.clone(), fetch, Vec::new()));
+                client
+                    .portal_store()
+                    .put_portal(Arc::new(Portal::new_cursor(name, statement)));
+            }
+        }
+        Ok(response)
     }
 }

@@ -27,8 +27,27 @@ pub enum Command {
     Rollback,
     /// `SHOW name`.
     Show(String),
-    /// `DISCARD`, `DEALLOCATE`, `CLOSE`: session housekeeping of drivers and pools.
+    /// `DISCARD`, `DEALLOCATE`: session housekeeping of drivers and pools.
     Housekeeping(&'static str),
+    /// `DECLARE name CURSOR FOR query` (psql's FETCH_COUNT, psycopg's named cursors,
+    /// Tableau): the query starts, its rows wait for FETCH.
+    Declare {
+        /// The cursor's name.
+        name: String,
+        /// The query.
+        query: String,
+    },
+    /// `FETCH [FORWARD] n | ALL | NEXT FROM name`; None = all the rest.
+    Fetch {
+        /// The cursor's name.
+        name: String,
+        /// How many rows.
+        count: Option<usize>,
+    },
+    /// `CLOSE name`, or `CLOSE ALL` (None).
+    Close(Option<String>),
+    /// A statement the front end understands but does not support, by name.
+    Unsupported(String),
 }
 
 /// Splits `sql` into the statements a simple-protocol message holds. Text that does not
@@ -67,7 +86,44 @@ fn classify(statement: &Statement) -> Command {
         ),
         Statement::Discard { .. } => Command::Housekeeping("DISCARD ALL"),
         Statement::Deallocate { .. } => Command::Housekeeping("DEALLOCATE"),
-        Statement::Close { .. } => Command::Housekeeping("CLOSE CURSOR"),
+        Statement::Declare { stmts } => match stmts.as_slice() {
+            [declare] => match (&declare.for_query, declare.names.as_slice()) {
+                (Some(query), [name]) => Command::Declare {
+                    name: name.value.clone(),
+                    query: query.to_string(),
+                },
+                _ => Command::Unsupported("DECLARE without a query".into()),
+            },
+            _ => Command::Unsupported("DECLARE of several cursors".into()),
+        },
+        Statement::Fetch {
+            name, direction, ..
+        } => {
+            use datafusion::sql::sqlparser::ast::{FetchDirection as D, Value};
+            let number = |v: &datafusion::sql::sqlparser::ast::ValueWithSpan| match &v.value {
+                Value::Number(n, _) => n.parse::<usize>().ok(),
+                _ => None,
+            };
+            let count = match direction {
+                D::Count { limit } | D::Forward { limit: Some(limit) } => match number(limit) {
+                    Some(n) => Some(n),
+                    None => return Command::Unsupported("FETCH with this count".into()),
+                },
+                D::Next | D::Forward { limit: None } => Some(1),
+                D::All | D::ForwardAll => None,
+                _ => return Command::Unsupported("FETCH other than forward".into()),
+            };
+            Command::Fetch {
+                name: name.value.clone(),
+                count,
+            }
+        }
+        Statement::Close { cursor } => match cursor {
+            datafusion::sql::sqlparser::ast::CloseCursor::All => Command::Close(None),
+            datafusion::sql::sqlparser::ast::CloseCursor::Specific { name } => {
+                Command::Close(Some(name.value.clone()))
+            }
+        },
         other => Command::Query(other.to_string()),
     }
 }
@@ -215,5 +271,25 @@ mod tests {
         );
         assert_eq!(commands("SELEC 1"), vec![Command::Query("SELEC 1".into())]);
         assert_eq!(commands("-- ping"), vec![]);
+        assert_eq!(
+            commands(
+                "DECLARE c NO SCROLL CURSOR FOR SELECT * FROM cpu; FETCH FORWARD 100 FROM c; FETCH ALL IN c; CLOSE c"
+            ),
+            vec![
+                Command::Declare {
+                    name: "c".into(),
+                    query: "SELECT * FROM cpu".into()
+                },
+                Command::Fetch {
+                    name: "c".into(),
+                    count: Some(100)
+                },
+                Command::Fetch {
+                    name: "c".into(),
+                    count: None
+                },
+                Command::Close(Some("c".into())),
+            ]
+        );
     }
 }
