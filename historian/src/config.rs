@@ -54,6 +54,8 @@ pub struct ServerConfig {
     /// Accept tokens as plaintext passwords from non-loopback PostgreSQL clients (without
     /// TLS). Off: such clients must use TLS.
     pub pg_allow_cleartext: bool,
+    /// PostgreSQL connections at once; more are refused at startup.
+    pub pg_max_connections: usize,
     /// TLS certificate chain (PEM); with `tls_key`, HTTP and the PostgreSQL protocol are
     /// served over TLS (PostgreSQL clients negotiate it; `sslmode=require`).
     pub tls_cert: Option<PathBuf>,
@@ -68,6 +70,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./historian-data"),
             pg_bind: None,
             pg_allow_cleartext: false,
+            pg_max_connections: 256,
             tls_cert: None,
             tls_key: None,
         }
@@ -355,6 +358,9 @@ impl Config {
         }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return bad("server.tls_cert and server.tls_key go together");
+        }
+        if self.server.pg_max_connections == 0 {
+            return bad("server.pg_max_connections must be at least 1");
         }
         if self.audit.ship_interval.is_zero() {
             return bad("audit.ship_interval must be positive");

@@ -178,7 +178,10 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
                 state.query.clone(),
                 audit.clone(),
                 state.auth.clone(),
-                config.server.pg_allow_cleartext,
+                crate::pg::PgSettings {
+                    allow_cleartext: config.server.pg_allow_cleartext,
+                    max_connections: config.server.pg_max_connections,
+                },
             );
             // Tests and scripts wait for this line to learn the port.
             tracing::info!(%addr, tls = acceptor.is_some(), "listening for PostgreSQL");

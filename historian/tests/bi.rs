@@ -1014,3 +1014,52 @@ async fn go_pgx_the_driver_inside_grafana_reads_series_under_each_role() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_limit_are_refused_and_admitted_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace(
+        "pg_bind = \"127.0.0.1:0\"",
+        "pg_bind = \"127.0.0.1:0\"\npg_max_connections = 2",
+    );
+    let server = start(dir.path(), &config);
+    let script = r#"
+import json, sys, psycopg
+DSN = sys.argv[1]
+out = {}
+a = psycopg.connect(DSN, autocommit=True)
+b = psycopg.connect(DSN, autocommit=True)
+try:
+    psycopg.connect(DSN, autocommit=True)
+    out["third"] = "admitted"
+except psycopg.OperationalError as e:
+    out["third"] = str(e)
+a.close()
+# The server notices the close asynchronously: retry briefly.
+import time
+deadline = time.time() + 5
+while True:
+    try:
+        c = psycopg.connect(DSN, autocommit=True)
+        break
+    except psycopg.OperationalError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.05)
+out["after_close"] = c.execute("SELECT 1").fetchone()[0]
+c.close()
+out["b_still"] = b.execute("SELECT 2").fetchone()[0]
+print(json.dumps(out))
+"#;
+    let stdout = common::run_python(script, &[&dsn(&server, &server.token)]);
+    let out: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(
+        out["third"]
+            .as_str()
+            .unwrap()
+            .contains("too many connections"),
+        "{out}"
+    );
+    assert_eq!(out["after_close"], 1);
+    assert_eq!(out["b_still"], 2);
+}

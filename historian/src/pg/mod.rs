@@ -51,11 +51,21 @@ pub struct PgService {
     engine: Arc<QueryEngine>,
     audit: Arc<AuditLog>,
     auth: Arc<Auth>,
-    /// Accept passwords over plaintext from non-loopback clients.
-    allow_cleartext: bool,
+    settings: PgSettings,
+    /// Connections open now (cancel requests included, while they last).
+    open: Arc<std::sync::atomic::AtomicUsize>,
     connections: Arc<ConnectionManager>,
     cancel: Arc<DefaultCancelHandler>,
     keys: RandomPidSecretKeyGenerator,
+}
+
+/// How the PostgreSQL front end admits clients.
+#[derive(Debug, Clone, Copy)]
+pub struct PgSettings {
+    /// Accept tokens as plaintext passwords from non-loopback clients.
+    pub allow_cleartext: bool,
+    /// Connections at once; more are refused at startup (SQLSTATE 53300).
+    pub max_connections: usize,
 }
 
 impl PgService {
@@ -64,14 +74,15 @@ impl PgService {
         engine: Arc<QueryEngine>,
         audit: Arc<AuditLog>,
         auth: Arc<Auth>,
-        allow_cleartext: bool,
+        settings: PgSettings,
     ) -> Arc<Self> {
         let connections = Arc::new(ConnectionManager::new());
         Arc::new(PgService {
             engine,
             audit,
             auth,
-            allow_cleartext,
+            settings,
+            open: Arc::default(),
             cancel: Arc::new(DefaultCancelHandler::new(connections.clone())),
             connections,
             keys: RandomPidSecretKeyGenerator::default(),
@@ -93,7 +104,9 @@ impl PgService {
                         let _ = socket.set_nodelay(true);
                         let handlers = handlers.clone();
                         let tls = tls.clone();
+                        let open = OpenConnection::new(&handlers.0.open);
                         tokio::spawn(async move {
+                            let _open = open;
                             if let Err(e) = pgwire::tokio::process_socket(socket, tls, handlers).await {
                                 tracing::debug!(error = %e, "PostgreSQL connection ended with an error");
                             }
@@ -107,6 +120,22 @@ impl PgService {
                 _ = stop.changed() => return,
             }
         }
+    }
+}
+
+/// One open connection, counted while it lives.
+struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenConnection(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -261,9 +290,19 @@ impl StartupHandler for Handlers {
             PgWireFrontendMessage::Startup(ref startup) => {
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
+                let open = self.0.open.load(std::sync::atomic::Ordering::SeqCst);
+                if open > self.0.settings.max_connections {
+                    return Err(fatal(
+                        "53300",
+                        format!(
+                            "too many connections: the server accepts {} PostgreSQL connections at once ([server] pg_max_connections)",
+                            self.0.settings.max_connections
+                        ),
+                    ));
+                }
                 if !client.is_secure()
                     && !client.socket_addr().ip().is_loopback()
-                    && !self.0.allow_cleartext
+                    && !self.0.settings.allow_cleartext
                 {
                     return Err(fatal(
                         "28000",
