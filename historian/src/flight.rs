@@ -31,7 +31,7 @@ use arrow_flight::{
     SchemaAsIpc, Ticket, flight_service_server::FlightService,
     flight_service_server::FlightServiceServer,
 };
-use futures::{Stream, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use prost::Message;
 use query::{QueryEngine, QueryError};
@@ -117,10 +117,15 @@ impl FlightSql {
         let headers = request.metadata().clone().into_headers();
         let token = crate::auth::presented_token(&headers);
         let client = peer(request);
-        self.auth
+        let caller = self
+            .auth
             .authenticate(token.as_deref(), client, FLIGHT)
             .await
-            .map_err(auth_status)
+            .map_err(auth_status)?;
+        if caller.role == crate::role::Role::Writer {
+            return Err(Status::permission_denied("the writer role may not query"));
+        }
+        Ok(caller)
     }
 
     /// The database a request names (`database`, or InfluxDB's `bucket-name` and
@@ -410,18 +415,22 @@ impl FlightSqlService for FlightSql {
         let stream = request
             .into_inner()
             .map_err(arrow_flight::error::FlightError::from);
-        let batches: Vec<RecordBatch> =
-            arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(stream)
-                .try_collect()
-                .await
-                .map_err(|e| {
-                    Status::invalid_argument(format!("cannot read the parameters: {e}"))
-                })?;
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-        if rows > 1 {
-            return Err(Status::invalid_argument(
-                "bind one row of parameters per execution",
-            ));
+        let mut decoded =
+            arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(stream);
+        // One row of parameters; reading stops as soon as a client sends more.
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        let mut rows = 0;
+        while let Some(batch) = decoded.next().await {
+            let batch = batch.map_err(|e| {
+                Status::invalid_argument(format!("cannot read the parameters: {e}"))
+            })?;
+            rows += batch.num_rows();
+            if rows > 1 {
+                return Err(Status::invalid_argument(
+                    "bind one row of parameters per execution",
+                ));
+            }
+            batches.push(batch);
         }
         let mut literals = Vec::new();
         if let Some(batch) = batches.iter().find(|b| b.num_rows() == 1) {

@@ -28,7 +28,7 @@ pub fn substitute(
                         "the statement has more ? placeholders than the {count} values bound"
                     ));
                 }
-                out.push_str(&literal(positional)?);
+                push_literal(&mut out, literal(positional)?);
                 positional += 1;
             }
             Token::Placeholder(p) if p.starts_with('$') => {
@@ -39,12 +39,24 @@ pub fn substitute(
                     .ok_or_else(|| {
                         format!("the statement uses {p} but {count} parameters were bound")
                     })?;
-                out.push_str(&literal(index - 1)?);
+                push_literal(&mut out, literal(index - 1)?);
             }
             other => out.push_str(&other.to_string()),
         }
     }
     Ok(out)
+}
+
+/// Appends a literal as one self-contained token: a negative number is parenthesised, so
+/// that `1-$1` with `-5` reads `1-(-5)`, never `1--5` (the start of a comment).
+fn push_literal(out: &mut String, literal: String) {
+    if literal.starts_with('-') {
+        out.push('(');
+        out.push_str(&literal);
+        out.push(')');
+    } else {
+        out.push_str(&literal);
+    }
 }
 
 /// `value` as a single-quoted SQL string literal.
@@ -102,7 +114,9 @@ pub fn arrow_literal(array: &dyn arrow::array::Array, row: usize) -> Result<Stri
         }
         DataType::Date32 => {
             let days = array.as_primitive::<Date32Type>().value(row);
-            let date = chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
+            let date = days
+                .checked_add(719_163)
+                .and_then(chrono::NaiveDate::from_num_days_from_ce_opt)
                 .ok_or("date out of range")?;
             format!("DATE '{}'", date.format("%Y-%m-%d"))
         }
@@ -133,6 +147,9 @@ mod tests {
         let out = substitute("SELECT ? + ?, '?'", 2, |i| Ok((i + 1).to_string())).unwrap();
         assert_eq!(out, "SELECT 1 + 2, '?'");
         assert!(substitute("SELECT ?", 0, |_| Ok("1".into())).is_err());
+        // A negative value never starts a comment.
+        let out = substitute("SELECT 1-$1 AND x = 'y'", 1, |_| Ok("-5".into())).unwrap();
+        assert_eq!(out, "SELECT 1-(-5) AND x = 'y'");
         assert_eq!(float_literal(1.0), "1.0");
         assert_eq!(float_literal(f64::NAN), "CAST('NaN' AS DOUBLE)");
     }

@@ -207,6 +207,12 @@ async fn psql_sees_each_role_its_own_tables_rows_and_columns() {
     assert!(!ok);
     assert!(err.contains("only queries may run"), "{err}");
 
+    // The writer role writes only: no queries over pgwire either.
+    let writer = server.token_for("writer", &[]);
+    let (ok, _, err) = psql(&server, &writer, &["-c", "SELECT 1"]);
+    assert!(!ok);
+    assert!(err.contains("the writer role may not query"), "{err}");
+
     // A wrong password is refused with PostgreSQL's code for it.
     let (ok, _, err) = psql(&server, "hst_0000000000000000_nope", &["-c", "SELECT 1"]);
     assert!(!ok);
@@ -250,6 +256,13 @@ with psycopg.connect(DSN) as tx:
         first = c.fetchmany(3)
         rest = c.fetchall()
         out["cursor"] = [r[0] for r in first] + [r[0] for r in rest]
+# A cursor ends with its transaction: after ROLLBACK its name is free again.
+with psycopg.connect(DSN, autocommit=True) as c:
+    c.execute("BEGIN")
+    c.execute("DECLARE again CURSOR FOR SELECT 1")
+    c.execute("ROLLBACK")
+    c.execute("DECLARE again CURSOR FOR SELECT 2 AS two")
+    out["redeclared"] = c.execute("FETCH ALL FROM again").fetchall()[0][0]
 with psycopg.connect(DSN, autocommit=True) as conn:
     out["server_version"] = conn.info.server_version
     # Cancellation: a long query stops with query_canceled.
@@ -749,10 +762,11 @@ print(json.dumps({
 /// Runs a Flight SQL script with `URI`, `TOKEN` in its globals; returns its JSON output.
 fn flight(server: &Server, token: &str, other: &str, script: &str) -> Value {
     let program = format!(
-        "import json, sys\nURI, TOKEN, OTHER = sys.argv[1], sys.argv[2], sys.argv[3]\nout = {{}}\n{script}\nprint(json.dumps(out, default=str))\n"
+        "import json, sys\nURI, TOKEN, OTHER, WRITER = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]\nout = {{}}\n{script}\nprint(json.dumps(out, default=str))\n"
     );
     let uri = format!("grpc://{}", server.addr);
-    let stdout = common::run_python(&program, &[&uri, token, other]);
+    let writer = server.token_for("writer", &[]);
+    let stdout = common::run_python(&program, &[&uri, token, other, &writer]);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
@@ -825,6 +839,11 @@ try:
     out["bad_token"] = "served"
 except fl.FlightError as e:
     out["bad_token"] = type(e).__name__
+try:
+    client.get_flight_info(fl.FlightDescriptor.for_command(command("SELECT 1")), options(WRITER))
+    out["writer"] = "served"
+except fl.FlightError as e:
+    out["writer"] = type(e).__name__
 # A handshake with basic auth answers with the bearer token to use.
 header = client.authenticate_basic_token(b"anyone", TOKEN.encode())
 out["handshake"] = header[1].decode().startswith("Bearer ")
@@ -874,6 +893,10 @@ except Exception as e:
     assert_eq!(admin["own_ticket"], serde_json::json!([{"n": 20}]));
     assert_eq!(admin["other_ticket"], "FlightUnauthorizedError");
     assert_eq!(admin["bad_token"], "FlightUnauthenticatedError");
+    assert_eq!(
+        admin["writer"], "FlightUnauthorizedError",
+        "the writer role may not query"
+    );
     assert_eq!(admin["handshake"], true);
     assert_eq!(admin["after_handshake"], serde_json::json!([{"one": 1}]));
     assert_eq!(admin["prepared_own"], serde_json::json!([{"n": 20}]));

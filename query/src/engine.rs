@@ -459,6 +459,13 @@ impl QueryEngine {
             .filter_map(|k| k.strip_prefix('$')?.parse::<usize>().ok())
             .max()
             .unwrap_or(0);
+        // PostgreSQL's limit: a statement names at most 65,535 parameters.
+        if count > u16::MAX as usize {
+            return Err(QueryError::Invalid(format!(
+                "a statement may use at most {} parameters, not ${count}",
+                u16::MAX
+            )));
+        }
         let params = (1..=count)
             .map(|i| types.get(&format!("${i}")).cloned().flatten())
             .collect();

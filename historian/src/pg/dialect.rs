@@ -69,8 +69,13 @@ fn empty_result(statement: &Statement) -> Option<Statement> {
     let mut columns = Vec::new();
     for (i, item) in select.projection.iter().enumerate() {
         let name = match item {
+            SelectItem::ExprWithAlias { expr, .. } | SelectItem::UnnamedExpr(expr)
+                if is_aggregate(expr) =>
+            {
+                // An aggregate over no rows is still one row (count = 0).
+                return None;
+            }
             SelectItem::ExprWithAlias { alias, .. } => alias.value.clone(),
-            SelectItem::UnnamedExpr(e) if is_aggregate(e) => return None,
             SelectItem::UnnamedExpr(Expr::CompoundIdentifier(parts)) => parts.last()?.value.clone(),
             SelectItem::UnnamedExpr(Expr::Identifier(i)) => i.value.clone(),
             SelectItem::UnnamedExpr(_) => format!("column{}", i + 1),

@@ -160,8 +160,10 @@ fn encode(encoder: &mut DataRowEncoder, column: &Column, row: usize) -> PgWireRe
         DataType::Binary => encoder.encode_field(&value!(BinaryArray)),
         DataType::Date32 => {
             let days = value!(Date32Array);
+            // Days since 1970-01-01, which is day 719,163 of the common era.
             let date = days.and_then(|d| {
-                NaiveDate::from_num_days_from_ce_opt(d + 719_163) // 1970-01-01
+                d.checked_add(719_163)
+                    .and_then(NaiveDate::from_num_days_from_ce_opt)
             });
             encoder.encode_field(&date)
         }

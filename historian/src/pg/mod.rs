@@ -23,20 +23,23 @@ use pgwire::api::auth::{
     save_startup_parameters_to_metadata,
 };
 use pgwire::api::cancel::DefaultCancelHandler;
+use pgwire::api::portal::PortalExecutionState;
 use pgwire::api::portal::{Format, Portal};
-use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler, send_query_response};
 use pgwire::api::results::{
     DescribePortalResponse, DescribeStatementResponse, FieldInfo, QueryResponse, Response, Tag,
 };
 use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::store::Entry;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{
-    ClientInfo, ClientPortalStore, ConnectionHandle, ConnectionManager, METADATA_DATABASE,
-    METADATA_USER, PgWireConnectionState, PgWireServerHandlers, PidSecretKeyGenerator,
-    RandomPidSecretKeyGenerator, Type,
+    ClientInfo, ClientPortalStore, ConnectionHandle, ConnectionManager, DEFAULT_NAME,
+    METADATA_DATABASE, METADATA_USER, PgWireConnectionState, PgWireServerHandlers,
+    PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
 };
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::data::DataRow;
+use pgwire::messages::extendedquery::Execute;
 use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use query::{QueryEngine, QueryError};
@@ -147,10 +150,14 @@ struct Session {
     db: String,
 }
 
+/// Open cursors per connection: each holds a running query (and a query slot).
+const MAX_CURSORS: usize = 16;
+
 /// An open cursor: its rows, described by its fields.
 struct Cursor {
     schema: arrow::datatypes::SchemaRef,
-    result: crate::session::AuditedStream,
+    /// None once FETCH ALL took the rest.
+    result: Option<crate::session::AuditedStream>,
     /// Rows of the last batch that the previous FETCH did not take.
     leftover: Option<arrow::record_batch::RecordBatch>,
 }
@@ -166,8 +173,11 @@ impl Cursor {
         while wanted > 0 {
             let batch = match self.leftover.take() {
                 Some(b) => b,
-                None => match self.result.next().await {
-                    Some(b) => b.map_err(query_error)?,
+                None => match self.result.as_mut() {
+                    Some(result) => match result.next().await {
+                        Some(b) => b.map_err(query_error)?,
+                        None => break,
+                    },
                     None => break,
                 },
             };
@@ -361,6 +371,9 @@ impl Handlers {
             )
             .await
             .map_err(auth_error)?;
+        if caller.role == crate::role::Role::Writer {
+            return Err(user_error("42501", "the writer role may not query".into()));
+        }
         Ok((caller, session))
     }
 
@@ -374,8 +387,19 @@ impl Handlers {
         Ok(match command {
             Command::Set => Response::Execution(Tag::new("SET")),
             Command::Begin => Response::TransactionStart(Tag::new("BEGIN")),
-            Command::Commit => Response::TransactionEnd(Tag::new("COMMIT")),
-            Command::Rollback => Response::TransactionEnd(Tag::new("ROLLBACK")),
+            Command::Commit | Command::Rollback => {
+                // Cursors end with their transaction, as in PostgreSQL (WITHOUT HOLD): a
+                // client that rolls back after an error can declare the same name again.
+                if let Some(cursors) = client.session_extensions().get::<Cursors>() {
+                    cursors.0.lock().await.clear();
+                }
+                let tag = if command == Command::Commit {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
+                Response::TransactionEnd(Tag::new(tag))
+            }
             Command::Housekeeping(tag) => Response::Execution(Tag::new(tag)),
             Command::Unsupported(what) => {
                 return Err(user_error("0A000", format!("{what} is not supported")));
@@ -386,6 +410,14 @@ impl Handlers {
                     .session_extensions()
                     .get_or_insert_with(Cursors::default);
                 let mut cursors = cursors.0.lock().await;
+                if cursors.len() >= MAX_CURSORS {
+                    return Err(user_error(
+                        "54000",
+                        format!(
+                            "a connection may hold at most {MAX_CURSORS} open cursors; close some"
+                        ),
+                    ));
+                }
                 if cursors.contains_key(&name) {
                     return Err(user_error(
                         "42P03",
@@ -407,7 +439,7 @@ impl Handlers {
                     name,
                     Cursor {
                         schema: result.schema(),
-                        result,
+                        result: Some(result),
                         leftover: None,
                     },
                 );
@@ -424,12 +456,31 @@ impl Handlers {
                     user_error("34000", format!("cursor \"{name}\" does not exist"))
                 })?;
                 let fields = Arc::new(encode::fields(&cursor.schema, format));
-                let mut rows = Vec::new();
-                for batch in cursor.fetch(count).await? {
-                    rows.extend(encode::rows(&batch, &fields)?);
-                }
-                let mut response =
-                    QueryResponse::new(fields, stream::iter(rows.into_iter().map(Ok)));
+                let mut response = match count {
+                    Some(count) => {
+                        let mut rows = Vec::new();
+                        for batch in cursor.fetch(Some(count)).await? {
+                            rows.extend(encode::rows(&batch, &fields)?);
+                        }
+                        QueryResponse::new(fields, stream::iter(rows.into_iter().map(Ok)))
+                    }
+                    // FETCH ALL streams the rest, as a query's result does.
+                    None => {
+                        let leftover = stream::iter(cursor.leftover.take().map(Ok));
+                        let rest = match cursor.result.take() {
+                            Some(result) => result.map(|b| b.map_err(query_error)).boxed(),
+                            None => stream::empty().boxed(),
+                        };
+                        let encoding = fields.clone();
+                        let rows = leftover.chain(rest).flat_map(move |batch| {
+                            stream::iter(match batch.and_then(|b| encode::rows(&b, &encoding)) {
+                                Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>(),
+                                Err(e) => vec![Err(e)],
+                            })
+                        });
+                        QueryResponse::new(fields, rows)
+                    }
+                };
                 response.set_command_tag("FETCH");
                 Response::Query(response)
             }
@@ -731,6 +782,43 @@ impl ExtendedQueryHandler for Handlers {
 
     fn query_parser(&self) -> Arc<Planner> {
         Arc::new(Planner(self.0.clone()))
+    }
+
+    /// An Execute without a row limit streams its rows as the query yields them (pgwire's
+    /// default gathers them all first, which a 10M-row result cannot afford); with a
+    /// limit, or for a portal already started, pgwire's portal suspension applies.
+    async fn on_execute<C>(&self, client: &mut C, message: Execute) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Prepared>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        let portal = match client.portal_store().get_portal(name) {
+            Some(Entry::Value(portal)) => portal,
+            _ => return self._on_execute(client, message).await,
+        };
+        let streams = message.max_rows == 0
+            && matches!(portal.statement.statement.command, Command::Query(_))
+            && matches!(client.state(), PgWireConnectionState::ReadyForQuery)
+            && matches!(*portal.state().lock().await, PortalExecutionState::Initial);
+        if !streams {
+            return self._on_execute(client, message).await;
+        }
+        client.set_state(PgWireConnectionState::QueryInProgress);
+        match ExtendedQueryHandler::do_query(self, client, portal.as_ref(), 0).await? {
+            Response::Query(results) => {
+                *portal.state().lock().await = PortalExecutionState::Finished;
+                send_query_response(client, results, false).await?;
+            }
+            Response::Error(e) => {
+                return Err(PgWireError::UserError(e));
+            }
+            _ => {}
+        }
+        client.set_state(PgWireConnectionState::ReadyForQuery);
+        Ok(())
     }
 
     async fn do_describe_statement<C>(
