@@ -89,6 +89,18 @@ async fn load(server: &Server) -> i64 {
     base
 }
 
+/// The rows of `sql` over the audit log, as an auditor reads them over HTTP.
+async fn audit_rows(server: &Server, sql: &str) -> Vec<Value> {
+    let auditor = server.client_as(&server.token_for("auditor", &[]));
+    let r = auditor
+        .get(server.url("/api/v3/query_sql"))
+        .query(&[("db", "_"), ("q", sql)])
+        .send()
+        .await
+        .unwrap();
+    serde_json::from_str(&r.text().await.unwrap()).unwrap()
+}
+
 fn pg_port(server: &Server) -> String {
     server
         .pg_addr
@@ -362,20 +374,11 @@ with psycopg.connect(DSN, autocommit=True) as conn:
     assert_eq!(out["after"], "28P01", "{out}");
 
     // Every statement is in the audit log, as pgwire.
-    let auditor = server.client_as(&server.token_for("auditor", &[]));
-    let r = auditor
-        .get(server.url("/api/v3/query_sql"))
-        .query(&[
-            ("db", "_"),
-            (
-                "q",
-                "SELECT role, sql FROM audit_log WHERE kind = 'query' AND interface = 'pgwire'",
-            ),
-        ])
-        .send()
-        .await
-        .unwrap();
-    let audit: Vec<Value> = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let audit = audit_rows(
+        &server,
+        "SELECT role, sql FROM audit_log WHERE kind = 'query' AND interface = 'pgwire'",
+    )
+    .await;
     assert!(
         audit
             .iter()
@@ -916,20 +919,11 @@ except Exception as e:
     assert_eq!(sup["prepared_own"], serde_json::json!([{"n": 10}]));
 
     // Flight SQL statements are in the audit log as such.
-    let auditor = server.client_as(&server.token_for("auditor", &[]));
-    let r = auditor
-        .get(server.url("/api/v3/query_sql"))
-        .query(&[
-            ("db", "_"),
-            (
-                "q",
-                "SELECT role FROM audit_log WHERE kind = 'query' AND interface = 'flight'",
-            ),
-        ])
-        .send()
-        .await
-        .unwrap();
-    let audit: Vec<Value> = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let audit = audit_rows(
+        &server,
+        "SELECT role FROM audit_log WHERE kind = 'query' AND interface = 'flight'",
+    )
+    .await;
     assert!(audit.iter().any(|r| r["role"] == "supervisor"), "{audit:?}");
     assert!(audit.iter().any(|r| r["role"] == "admin"), "{audit:?}");
     assert!(
