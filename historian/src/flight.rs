@@ -200,13 +200,6 @@ impl FlightSql {
             _ => Err(Status::not_found("no such prepared statement")),
         }
     }
-
-    /// The tables `caller` sees in `db`, with their schemas.
-    async fn tables(&self, caller: &Caller, db: &str) -> Result<Vec<(String, SchemaRef)>, Status> {
-        crate::session::tables(&self.engine, &self.audit, caller, FLIGHT, db)
-            .await
-            .map_err(query_status)
-    }
 }
 
 fn peer<T>(request: &Request<T>) -> SocketAddr {
@@ -566,7 +559,9 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let caller = self.caller(&request).await?;
         let db = Self::database(&request)?;
-        let tables = self.tables(&caller, &db).await?;
+        let tables = crate::session::tables(&self.engine, &self.audit, &caller, FLIGHT, &db)
+            .await
+            .map_err(query_status)?;
         let mut event = caller.event("catalog", FLIGHT);
         event.fields.tables = tables.iter().map(|(name, _)| name.clone()).collect();
         self.audit.record(event).await;

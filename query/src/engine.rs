@@ -37,7 +37,7 @@ use url::Url;
 use crate::catalog::{AllTables, DatabaseSchema};
 use crate::metrics::QueryMetrics;
 use crate::personal::PersonalAccess;
-use crate::pg_catalog::{PgCatalog, PgInformationSchema};
+use crate::pg_catalog::PgSchema;
 use crate::policy::{AccessPolicy, DecryptionLog};
 use crate::sandbox::{self, SandboxError};
 
@@ -381,12 +381,15 @@ impl QueryEngine {
         if seen.postgres_catalog {
             let internal = |e: DataFusionError| QueryError::Internal(e.strip_backtrace());
             catalog
-                .register_schema("pg_catalog", Arc::new(PgCatalog::new(schema.clone(), db)))
+                .register_schema(
+                    "pg_catalog",
+                    Arc::new(PgSchema::catalog(schema.clone(), db)),
+                )
                 .map_err(internal)?;
             catalog
                 .register_schema(
                     "information_schema",
-                    Arc::new(PgInformationSchema::new(schema.clone(), db)),
+                    Arc::new(PgSchema::information_schema(schema.clone(), db)),
                 )
                 .map_err(internal)?;
         }
@@ -441,12 +444,8 @@ impl QueryEngine {
     ) -> Result<(Vec<Option<arrow::datatypes::DataType>>, SchemaRef), QueryError> {
         sandbox::check(sql)?;
         let ctx = self.session_with(db, options)?;
-        let sql_options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
         let df = ctx
-            .sql_with_options(sql, sql_options)
+            .sql_with_options(sql, queries_only())
             .await
             .map_err(|e| QueryError::from_datafusion(e, &self.config))?;
         let plan = df.logical_plan();
@@ -500,10 +499,7 @@ impl QueryEngine {
         };
         let deadline = tokio::time::Instant::from_std(started) + self.config.timeout;
         let ctx = self.session_with(db, query_options)?;
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
+        let options = queries_only();
         // Planning can be heavy too (table functions materialise at planning): it runs
         // on the query threads as well.
         let text = sql.to_string();
@@ -534,6 +530,14 @@ impl QueryEngine {
             _permit: permit,
         })
     }
+}
+
+/// Planning options that admit queries only (the sandbox checked the text already).
+fn queries_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
 }
 
 /// The tables a plan reads (subqueries included) and, per table, the columns it reads.

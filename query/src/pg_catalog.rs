@@ -120,6 +120,7 @@ pub fn table_oid(name: &str) -> i64 {
 }
 
 /// One table as the catalogs describe it.
+#[derive(Debug)]
 struct TableInfo {
     name: String,
     oid: i64,
@@ -207,11 +208,21 @@ fn nulls(n: usize) -> Vec<Option<String>> {
     vec![None; n]
 }
 
-/// `pg_catalog`, built on demand from `public`, the session's view of the database.
+/// `pg_catalog` or `information_schema`, built on demand from `public`, the session's
+/// view of the database.
 #[derive(Debug)]
-pub struct PgCatalog {
+pub struct PgSchema {
     public: Arc<dyn SchemaProvider>,
     db: String,
+    kind: PgSchemaKind,
+    /// The session's tables, listed once however many catalog tables a query joins.
+    tables: tokio::sync::OnceCell<Vec<TableInfo>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PgSchemaKind {
+    Catalog,
+    InformationSchema,
 }
 
 /// The tables of `pg_catalog`.
@@ -264,17 +275,46 @@ const PG_TABLES: &[&str] = &[
     "pg_foreign_data_wrapper",
 ];
 
-impl PgCatalog {
+impl PgSchema {
     /// `pg_catalog` for the session whose tables `public` holds, in database `db`.
-    pub fn new(public: Arc<dyn SchemaProvider>, db: &str) -> Self {
-        PgCatalog {
+    pub fn catalog(public: Arc<dyn SchemaProvider>, db: &str) -> Self {
+        Self::new(public, db, PgSchemaKind::Catalog)
+    }
+
+    /// `information_schema` as PostgreSQL presents it (its type names, its table types),
+    /// for the session whose tables `public` holds.
+    pub fn information_schema(public: Arc<dyn SchemaProvider>, db: &str) -> Self {
+        Self::new(public, db, PgSchemaKind::InformationSchema)
+    }
+
+    fn new(public: Arc<dyn SchemaProvider>, db: &str, kind: PgSchemaKind) -> Self {
+        PgSchema {
             public,
             db: db.to_string(),
+            kind,
+            tables: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    fn names(&self) -> &'static [&'static str] {
+        match self.kind {
+            PgSchemaKind::Catalog => PG_TABLES,
+            PgSchemaKind::InformationSchema => INFO_TABLES,
         }
     }
 
     async fn build(&self, name: &str) -> Result<Arc<dyn TableProvider>> {
-        let tables = tables(self.public.as_ref()).await?;
+        let tables = self
+            .tables
+            .get_or_try_init(|| tables(self.public.as_ref()))
+            .await?;
+        match self.kind {
+            PgSchemaKind::Catalog => self.catalog_table(name, tables),
+            PgSchemaKind::InformationSchema => self.information_table(name, tables),
+        }
+    }
+
+    fn catalog_table(&self, name: &str, tables: &[TableInfo]) -> Result<Arc<dyn TableProvider>> {
         let n = tables.len();
         match name {
             "pg_namespace" => Builder::new()
@@ -334,7 +374,7 @@ impl PgCatalog {
                 .build(),
             "pg_attribute" => {
                 let mut b = Vec::new();
-                for t in &tables {
+                for t in tables {
                     for (i, f) in t.schema.fields().iter().enumerate() {
                         b.push((
                             t.oid,
@@ -596,44 +636,14 @@ fn empty(name: &str) -> Result<Arc<dyn TableProvider>> {
     Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?))
 }
 
-#[async_trait]
-impl SchemaProvider for PgCatalog {
-    fn table_names(&self) -> Vec<String> {
-        PG_TABLES.iter().map(|s| s.to_string()).collect()
-    }
-
-    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        if !PG_TABLES.contains(&name) {
-            return Ok(None);
-        }
-        self.build(name).await.map(Some)
-    }
-
-    fn table_exist(&self, name: &str) -> bool {
-        PG_TABLES.contains(&name)
-    }
-}
-
-/// `information_schema` as PostgreSQL presents it: its type names, its table types.
-#[derive(Debug)]
-pub struct PgInformationSchema {
-    public: Arc<dyn SchemaProvider>,
-    db: String,
-}
-
 const INFO_TABLES: &[&str] = &["tables", "columns", "schemata", "views"];
 
-impl PgInformationSchema {
-    /// `information_schema` for the session whose tables `public` holds.
-    pub fn new(public: Arc<dyn SchemaProvider>, db: &str) -> Self {
-        PgInformationSchema {
-            public,
-            db: db.to_string(),
-        }
-    }
-
-    async fn build(&self, name: &str) -> Result<Arc<dyn TableProvider>> {
-        let tables = tables(self.public.as_ref()).await?;
+impl PgSchema {
+    fn information_table(
+        &self,
+        name: &str,
+        tables: &[TableInfo],
+    ) -> Result<Arc<dyn TableProvider>> {
         let n = tables.len();
         match name {
             "tables" => Builder::new()
@@ -648,7 +658,7 @@ impl PgInformationSchema {
                 .build(),
             "columns" => {
                 let mut rows = Vec::new();
-                for t in &tables {
+                for t in tables {
                     for (i, f) in t.schema.fields().iter().enumerate() {
                         rows.push((t.name.clone(), f.clone(), i));
                     }
@@ -720,20 +730,20 @@ impl PgInformationSchema {
 }
 
 #[async_trait]
-impl SchemaProvider for PgInformationSchema {
+impl SchemaProvider for PgSchema {
     fn table_names(&self) -> Vec<String> {
-        INFO_TABLES.iter().map(|s| s.to_string()).collect()
+        self.names().iter().map(|s| s.to_string()).collect()
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        if !INFO_TABLES.contains(&name) {
+        if !self.names().contains(&name) {
             return Ok(None);
         }
         self.build(name).await.map(Some)
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        INFO_TABLES.contains(&name)
+        self.names().contains(&name)
     }
 }
 

@@ -190,6 +190,24 @@ fn is_pg_catalog(name: &ObjectName) -> bool {
             .is_some_and(|i| i.value.eq_ignore_ascii_case("pg_catalog"))
 }
 
+/// The session values PostgreSQL spells without parentheses (`user`, `current_user`, …);
+/// the engine has them as functions.
+const SESSION_VALUES: &[&str] = &[
+    "user",
+    "current_user",
+    "session_user",
+    "current_role",
+    "current_catalog",
+];
+
+/// `text` parsed as one expression.
+fn parse_expr(text: &str) -> Option<Expr> {
+    Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(text)
+        .and_then(|mut p| p.parse_expr())
+        .ok()
+}
+
 /// Whether `expr` is an aggregate call already.
 fn is_aggregate(expr: &Expr) -> bool {
     let Expr::Function(f) = expr else {
@@ -214,14 +232,8 @@ fn is_aggregate(expr: &Expr) -> bool {
     )
 }
 
-/// Whether a query's rows come from an inner join with a `pg_catalog` table that is
-/// always empty here, so that it has no rows.
-fn reads_empty_catalog(query: &datafusion::sql::sqlparser::ast::Query) -> bool {
-    body_is_empty(&query.body)
-}
-
-/// Whether a query body has no rows: a SELECT from an always-empty catalog table, or a
-/// UNION / INTERSECT of such.
+/// Whether a query body has no rows: a SELECT whose rows come from an inner join with a
+/// `pg_catalog` table that is always empty here, or a UNION / INTERSECT of such.
 fn body_is_empty(body: &SetExpr) -> bool {
     let select = match body {
         SetExpr::Select(select) => select,
@@ -367,15 +379,11 @@ impl VisitorMut for Rewriter {
                     && select.projection.len() == 1
                     && let SelectItem::UnnamedExpr(item)
                     | SelectItem::ExprWithAlias { expr: item, .. } = &mut select.projection[0]
-                    && let Ok(agg) = Parser::new(&PostgreSqlDialect {})
-                        .try_with_sql(&format!("array_agg({item})"))
-                        .and_then(|mut p| p.parse_expr())
+                    && let Some(agg) = parse_expr(&format!("array_agg({item})"))
                 {
                     *item = agg;
                     let not = if *negated { "NOT " } else { "" };
-                    if let Ok(e) = Parser::new(&PostgreSqlDialect {})
-                        .try_with_sql(&format!("{not}array_has(({subquery}), {needle})"))
-                        .and_then(|mut p| p.parse_expr())
+                    if let Some(e) = parse_expr(&format!("{not}array_has(({subquery}), {needle})"))
                     {
                         *expr = e;
                         self.changed = true;
@@ -394,7 +402,7 @@ impl VisitorMut for Rewriter {
                     self.changed = true;
                 }
             }
-            Expr::Subquery(query) if reads_empty_catalog(query) => {
+            Expr::Subquery(query) if body_is_empty(&query.body) => {
                 // Over a catalog table that is always empty here, a scalar subquery
                 // is NULL.
                 *expr = Expr::value(Value::Null);
@@ -420,9 +428,7 @@ impl VisitorMut for Rewriter {
                     };
                     if let Some(inner) = inner
                         && !is_aggregate(inner)
-                        && let Ok(e) = Parser::new(&PostgreSqlDialect {})
-                            .try_with_sql(&format!("max({inner})"))
-                            .and_then(|mut p| p.parse_expr())
+                        && let Some(e) = parse_expr(&format!("max({inner})"))
                     {
                         *inner = e;
                         self.changed = true;
@@ -481,16 +487,8 @@ impl VisitorMut for Rewriter {
                 value,
                 quote_style: None,
                 ..
-            }) if matches!(
-                value.to_lowercase().as_str(),
-                "user" | "current_user" | "session_user" | "current_role" | "current_catalog"
-            ) =>
-            {
-                let call = format!("{}()", value.to_lowercase());
-                if let Ok(e) = Parser::new(&PostgreSqlDialect {})
-                    .try_with_sql(&call)
-                    .and_then(|mut p| p.parse_expr())
-                {
+            }) if SESSION_VALUES.contains(&value.to_lowercase().as_str()) => {
+                if let Some(e) = parse_expr(&format!("{}()", value.to_lowercase())) {
                     *expr = e;
                     self.changed = true;
                 }
@@ -503,18 +501,8 @@ impl VisitorMut for Rewriter {
                 // `current_user`, `session_user`, `user` parse as calls without
                 // parentheses; the engine wants the parentheses.
                 if let Some(n) = last_part(name)
-                    && matches!(
-                        n.as_str(),
-                        "user"
-                            | "current_user"
-                            | "session_user"
-                            | "current_role"
-                            | "current_catalog"
-                            | "current_schema"
-                    )
-                    && let Ok(e) = Parser::new(&PostgreSqlDialect {})
-                        .try_with_sql(&format!("{n}()"))
-                        .and_then(|mut p| p.parse_expr())
+                    && (SESSION_VALUES.contains(&n.as_str()) || n == "current_schema")
+                    && let Some(e) = parse_expr(&format!("{n}()"))
                 {
                     *expr = e;
                     self.changed = true;

@@ -1,6 +1,6 @@
 //! Arrow results as PostgreSQL rows: the type each Arrow type is announced as, and the
 //! values in text or binary format. The announced type and the encoding come from one
-//! table ([`pg_column`]), so a client never sees a value that disagrees with its OID.
+//! place ([`pg_column`]), so a client never sees a value that disagrees with its OID.
 
 use std::sync::Arc;
 
@@ -19,35 +19,32 @@ use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo};
 use pgwire::error::{PgWireError, PgWireResult};
 use pgwire::messages::data::DataRow;
 
-/// How a column of one Arrow type travels: its PostgreSQL type and the Arrow type its
-/// values are cast to before encoding.
+/// How a column of one Arrow type travels: its PostgreSQL type (from the catalog's own
+/// table, [`query::pg_catalog::pg_type_of`], so `pg_attribute` and the rows agree) and
+/// the Arrow type its values are cast to before encoding.
 fn pg_column(data_type: &DataType) -> (Type, DataType) {
     use DataType::*;
-    match data_type {
-        Boolean => (Type::BOOL, Boolean),
-        Int8 | Int16 | UInt8 => (Type::INT2, Int16),
-        Int32 | UInt16 => (Type::INT4, Int32),
-        Int64 | UInt32 | UInt64 => (Type::INT8, Int64),
-        Float16 | Float32 => (Type::FLOAT4, Float32),
-        Float64 | Decimal32(..) | Decimal64(..) | Decimal128(..) | Decimal256(..) => {
-            (Type::FLOAT8, Float64)
-        }
-        Utf8 | LargeUtf8 | Utf8View => (Type::TEXT, Utf8),
-        Dictionary(_, value) if is_text(value) => (Type::TEXT, Utf8),
-        Binary | LargeBinary | BinaryView | FixedSizeBinary(_) => (Type::BYTEA, Binary),
-        Date32 | Date64 => (Type::DATE, Date32),
-        Timestamp(_, None) => (Type::TIMESTAMP, Timestamp(TimeUnit::Nanosecond, None)),
-        Timestamp(_, Some(_)) => (
-            Type::TIMESTAMPTZ,
-            Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
-        ),
-        List(item) | LargeList(item) | ListView(item) if is_text(item.data_type()) => (
-            Type::TEXT_ARRAY,
-            List(Arc::new(Field::new("item", Utf8, true))),
-        ),
-        // Everything else travels as its display text.
-        _ => (Type::TEXT, Null),
-    }
+    let oid = query::pg_catalog::pg_type_of(data_type).oid;
+    let target = match oid {
+        16 => Boolean,
+        21 => Int16,
+        23 => Int32,
+        20 => Int64,
+        700 => Float32,
+        701 => Float64,
+        17 => Binary,
+        1082 => Date32,
+        1114 => Timestamp(TimeUnit::Nanosecond, None),
+        1184 => Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+        1009 => List(Arc::new(Field::new("item", Utf8, true))),
+        _ => match data_type {
+            Dictionary(_, value) if is_text(value) => Utf8,
+            t if is_text(t) => Utf8,
+            // Everything else travels as its display text.
+            _ => Null,
+        },
+    };
+    (Type::from_oid(oid).unwrap_or(Type::TEXT), target)
 }
 
 fn is_text(data_type: &DataType) -> bool {

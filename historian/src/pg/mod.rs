@@ -199,6 +199,13 @@ impl Cursor {
 #[derive(Default)]
 struct Cursors(tokio::sync::Mutex<HashMap<String, Cursor>>);
 
+/// The connection's cursors.
+fn cursors<C: ClientInfo>(client: &C) -> Arc<Cursors> {
+    client
+        .session_extensions()
+        .get_or_insert_with(Cursors::default)
+}
+
 /// The cancel handle of a connection, under a type pgwire does not look for: the
 /// handlers here watch it for the whole statement, streaming included.
 struct CancelHandle(Arc<ConnectionHandle>);
@@ -271,7 +278,8 @@ impl ServerParameterProvider for Parameters {
         ]
         .iter()
         .filter_map(|name| {
-            statement::setting(&name.to_lowercase()).map(|v| (name.to_string(), v.to_string()))
+            query::functions::postgres::setting(&name.to_lowercase())
+                .map(|v| (name.to_string(), v.to_string()))
         })
         .collect();
         if let Some(app) = client.metadata().get("application_name") {
@@ -377,6 +385,25 @@ impl Handlers {
         Ok((caller, session))
     }
 
+    /// Starts `sql` (in PostgreSQL's spelling) as the connection's caller, checked now.
+    async fn open<C: ClientInfo>(
+        &self,
+        client: &C,
+        sql: &str,
+    ) -> PgWireResult<crate::session::AuditedStream> {
+        let (caller, session) = self.caller(client).await?;
+        crate::session::query(
+            &self.0.engine,
+            &self.0.audit,
+            &caller,
+            crate::session::PGWIRE,
+            &session.db,
+            &dialect::rewrite(sql),
+        )
+        .await
+        .map_err(query_error)
+    }
+
     /// Runs one command; a query streams its rows in `format`.
     async fn run<C: ClientInfo>(
         &self,
@@ -405,10 +432,7 @@ impl Handlers {
                 return Err(user_error("0A000", format!("{what} is not supported")));
             }
             Command::Declare { name, query } => {
-                let (caller, session) = self.caller(client).await?;
-                let cursors = client
-                    .session_extensions()
-                    .get_or_insert_with(Cursors::default);
+                let cursors = cursors(client);
                 let mut cursors = cursors.0.lock().await;
                 if cursors.len() >= MAX_CURSORS {
                     return Err(user_error(
@@ -424,17 +448,7 @@ impl Handlers {
                         format!("cursor \"{name}\" already exists"),
                     ));
                 }
-                let sql = dialect::rewrite(&query);
-                let result = crate::session::query(
-                    &self.0.engine,
-                    &self.0.audit,
-                    &caller,
-                    crate::session::PGWIRE,
-                    &session.db,
-                    &sql,
-                )
-                .await
-                .map_err(query_error)?;
+                let result = self.open(client, &query).await?;
                 cursors.insert(
                     name,
                     Cursor {
@@ -448,9 +462,7 @@ impl Handlers {
             Command::Fetch { name, count } => {
                 // The token is checked again: a revoked token fetches nothing more.
                 self.caller(client).await?;
-                let cursors = client
-                    .session_extensions()
-                    .get_or_insert_with(Cursors::default);
+                let cursors = cursors(client);
                 let mut cursors = cursors.0.lock().await;
                 let cursor = cursors.get_mut(&name).ok_or_else(|| {
                     user_error("34000", format!("cursor \"{name}\" does not exist"))
@@ -468,16 +480,10 @@ impl Handlers {
                     None => {
                         let leftover = stream::iter(cursor.leftover.take().map(Ok));
                         let rest = match cursor.result.take() {
-                            Some(result) => result.map(|b| b.map_err(query_error)).boxed(),
+                            Some(result) => result.boxed(),
                             None => stream::empty().boxed(),
                         };
-                        let encoding = fields.clone();
-                        let rows = leftover.chain(rest).flat_map(move |batch| {
-                            stream::iter(match batch.and_then(|b| encode::rows(&b, &encoding)) {
-                                Ok(rows) => rows.into_iter().map(Ok).collect::<Vec<_>>(),
-                                Err(e) => vec![Err(e)],
-                            })
-                        });
+                        let rows = row_stream(leftover.chain(rest), fields.clone(), None);
                         QueryResponse::new(fields, rows)
                     }
                 };
@@ -485,9 +491,7 @@ impl Handlers {
                 Response::Query(response)
             }
             Command::Close(name) => {
-                let cursors = client
-                    .session_extensions()
-                    .get_or_insert_with(Cursors::default);
+                let cursors = cursors(client);
                 let mut cursors = cursors.0.lock().await;
                 match name {
                     Some(name) => {
@@ -500,7 +504,7 @@ impl Handlers {
                 Response::Execution(Tag::new("CLOSE CURSOR"))
             }
             Command::Show(name) => {
-                let value = statement::setting(&name).ok_or_else(|| {
+                let value = query::functions::postgres::setting(&name).ok_or_else(|| {
                     user_error(
                         "42704",
                         format!("unrecognized configuration parameter \"{name}\""),
@@ -519,20 +523,11 @@ impl Handlers {
                 Response::Query(QueryResponse::new(fields, stream::iter(vec![Ok(row)])))
             }
             Command::Query(sql) => {
-                let (caller, session) = self.caller(client).await?;
-                let sql = dialect::rewrite(&sql);
                 let cancel = match client.session_extensions().get::<CancelHandle>() {
                     Some(handle) => Some(handle.0.start_query().await),
                     None => None,
                 };
-                let planned = crate::session::query(
-                    &self.0.engine,
-                    &self.0.audit,
-                    &caller,
-                    crate::session::PGWIRE,
-                    &session.db,
-                    &sql,
-                );
+                let planned = self.open(client, &sql);
                 let result = match cancel {
                     Some(mut cancel) => tokio::select! {
                         r = planned => r.map(|s| (s, Some(cancel))),
@@ -540,7 +535,7 @@ impl Handlers {
                     },
                     None => planned.await.map(|s| (s, None)),
                 };
-                let (result, cancel) = result.map_err(query_error)?;
+                let (result, cancel) = result?;
                 let fields = Arc::new(encode::fields(&result.schema(), format));
                 Response::Query(QueryResponse::new(
                     fields.clone(),
@@ -551,16 +546,19 @@ impl Handlers {
     }
 }
 
-/// The rows of `result`, ending with an error when the client cancels the statement.
-/// Dropping the result (at the end, or when the client goes away) stops the query and
-/// audits it.
-fn row_stream(
-    result: crate::session::AuditedStream,
+/// The rows of a query's `result` batches, ending with an error when the client cancels
+/// the statement. Dropping the result (at the end, or when the client goes away) stops
+/// the query and audits it.
+fn row_stream<S>(
+    result: S,
     fields: Arc<Vec<FieldInfo>>,
     cancel: Option<futures::channel::oneshot::Receiver<()>>,
-) -> impl Stream<Item = PgWireResult<DataRow>> + Send + 'static {
-    struct Rows {
-        result: crate::session::AuditedStream,
+) -> impl Stream<Item = PgWireResult<DataRow>> + Send + 'static
+where
+    S: Stream<Item = Result<arrow::record_batch::RecordBatch, QueryError>> + Send + Unpin + 'static,
+{
+    struct Rows<S> {
+        result: S,
         fields: Arc<Vec<FieldInfo>>,
         cancel: Option<futures::channel::oneshot::Receiver<()>>,
         pending: std::collections::VecDeque<DataRow>,

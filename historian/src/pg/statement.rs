@@ -128,11 +128,6 @@ fn classify(statement: &Statement) -> Command {
     }
 }
 
-/// The value of a server setting that `SHOW` reports.
-pub fn setting(name: &str) -> Option<&'static str> {
-    query::functions::postgres::setting(name)
-}
-
 /// The text of a prepared statement with its parameters bound as literals of their
 /// types.
 pub fn bind<S: Clone>(sql: &str, portal: &Portal<S>, types: &[Type]) -> PgWireResult<String> {
