@@ -3,8 +3,9 @@
 # 1000 hosts, 10 s apart, 28 hours) over HTTP (format=arrow), Arrow Flight SQL (ADBC) and
 # the PostgreSQL protocol (psycopg, binary results), median of RUNS runs each, interleaved
 # per query in the same run, every row fetched by the client. Then the server's RSS while
-# psql pulls a 10M-row result over the PostgreSQL protocol (results stream; memory stays
-# bounded).
+# psql pulls a 10M-row result over the PostgreSQL protocol (simple protocol) and while
+# psycopg streams every row over the extended protocol (results stream; memory stays
+# bounded), and a query's fixed cost over HTTP on a one-row table.
 #
 #   cargo build --release -p historian -p historian-benches
 #   bash .ci/run   # once: creates the Python venv with psycopg and ADBC
@@ -51,3 +52,18 @@ while kill -0 "$PSQL" 2>/dev/null; do r=$(rss_mib); [ "$r" -gt "$peak" ] && peak
 wait "$PSQL"
 end=$(date +%s.%N)
 echo "rows: $(wc -l < "$WORK/out.txt"), $(awk "BEGIN { printf \"%.1f\", $end - $start }") s; server RSS before ${before} MiB, peak ${peak} MiB (+$((peak - before)) MiB)"
+
+echo "== every row over the extended protocol (psycopg stream()): server RSS" >&2
+before=$(rss_mib); peak=$before
+"$PY" benches/scripts/query_bench.py --stream-pg --pg-port "$PG_PORT" --db bench > "$WORK/stream.txt" &
+STREAM=$!
+while kill -0 "$STREAM" 2>/dev/null; do r=$(rss_mib); [ "$r" -gt "$peak" ] && peak=$r; sleep 0.2; done
+wait "$STREAM"
+echo "$(cat "$WORK/stream.txt"); server RSS before ${before} MiB, peak ${peak} MiB (+$((peak - before)) MiB)"
+
+echo "== fixed cost over HTTP: a one-row table, median of 50" >&2
+curl -sf -H "Authorization: Bearer $HISTORIAN_TOKEN" --data-binary 'm v=1.5 1767225600000000000' \
+    "$URL/api/v3/write_lp?db=fixed" > /dev/null
+echo "| query | median ms |"
+echo "|---|---|"
+"$PY" benches/scripts/query_bench.py --fixed-cost --url "$URL" --db fixed

@@ -175,6 +175,33 @@ def interfaces(args):
     print(f"| all (sum of medians) | | {totals[0]:.1f} | {totals[1]:.1f} | {totals[2]:.1f} |")
 
 
+def fixed_cost(args):
+    """A query's fixed cost over HTTP: tiny queries on a one-row table, median of 50."""
+    for sql in ["SELECT 1", "SELECT max(v) FROM m",
+                "SELECT date_bin(INTERVAL '1 minute', time) AS t, max(v) FROM m GROUP BY 1 ORDER BY 1"]:
+        for _ in range(5):
+            historian(args.url, args.db, sql)
+        times = []
+        for _ in range(50):
+            t = time.perf_counter()
+            historian(args.url, args.db, sql)
+            times.append((time.perf_counter() - t) * 1000)
+        print(f"| `{sql}` | {statistics.median(times):.2f} |")
+
+
+def stream_pg(args):
+    """Every row of the table over the extended protocol (server-side parameter), consumed
+    as it arrives (psycopg's stream())."""
+    import psycopg
+    token = os.environ.get("HISTORIAN_TOKEN", "")
+    with psycopg.connect(host="127.0.0.1", port=args.pg_port, dbname=args.db, user="bench",
+                         password=token, sslmode="disable") as conn:
+        cur = conn.cursor(binary=True)
+        t = time.perf_counter()
+        n = sum(1 for _ in cur.stream("SELECT * FROM cpu WHERE usage_user >= %s", (0.0,)))
+        print(f"rows: {n}, {time.perf_counter() - t:.1f} s")
+
+
 def under_load(args):
     """Dashboard-style queries over the data being written, back to back for --seconds."""
     recent = {
@@ -218,8 +245,14 @@ def main():
     ap.add_argument("--interfaces", action="store_true", help="HTTP vs Flight SQL vs PostgreSQL")
     ap.add_argument("--flight", default="grpc://127.0.0.1:18181")
     ap.add_argument("--pg-port", default="15432")
+    ap.add_argument("--fixed-cost", action="store_true", help="tiny queries on a one-row table")
+    ap.add_argument("--stream-pg", action="store_true", help="all rows over the extended protocol")
     args = ap.parse_args()
-    if args.interfaces:
+    if args.fixed_cost:
+        fixed_cost(args)
+    elif args.stream_pg:
+        stream_pg(args)
+    elif args.interfaces:
         interfaces(args)
     elif args.policy_token:
         policy(args)
