@@ -403,6 +403,7 @@ impl Config {
                 compaction_max_input_bytes: self.persist.compaction_max_input_bytes,
                 deletion_grace: self.persist.deletion_grace,
                 closed_after: self.persist.closed_after,
+                upload_journal: Some(data_dir.join("uploads")),
                 ..PersistConfig::default()
             },
             persist_interval: self.persist.interval,

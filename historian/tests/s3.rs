@@ -571,7 +571,7 @@ fn s3_orphans(moto: &Moto, bucket: &str, prefix: &str, table: &str) -> Vec<Strin
 }
 
 #[test]
-fn an_upload_interrupted_by_a_crash_leaves_no_orphan_and_loses_nothing() {
+fn an_upload_interrupted_by_a_crash_is_aborted_at_restart_and_loses_nothing() {
     // Parquet row groups hold 2^20 rows and nothing reaches the store before the first one
     // is complete; the failpoint fires once half the rows are written, so more than 2^21 rows
     // make the crash land after a >10 MiB row group went to a multipart upload.
@@ -754,9 +754,19 @@ fn an_upload_interrupted_by_a_crash_leaves_no_orphan_and_loses_nothing() {
         missing.is_empty(),
         "{missing_count} acknowledged rows missing, e.g. n in {missing:?}"
     );
+    // The upload the first crash interrupted was journaled with its id, and the next
+    // start aborted it: no parts are left behind in the bucket.
     let leftover = moto.pending_uploads(bucket);
+    assert!(
+        leftover.is_empty(),
+        "multipart uploads still pending after recovery: {leftover:?}"
+    );
+    assert!(
+        log.contains("aborted a multipart upload an interrupted process left"),
+        "recovery did not report aborting the interrupted upload"
+    );
     println!(
-        "done in {:.1}s; {} files, multipart uploads still pending after recovery: {leftover:?}",
+        "done in {:.1}s; {} files, no multipart upload pending",
         started.elapsed().as_secs_f64(),
         m["files"].as_array().unwrap().len()
     );

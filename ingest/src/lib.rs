@@ -12,6 +12,7 @@ pub mod merge;
 pub mod metrics;
 pub mod persist;
 pub mod protect;
+pub mod upload;
 pub mod wal;
 pub mod writer;
 

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
-use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parking_lot::Mutex;
@@ -26,6 +25,7 @@ use crate::catalog::Catalog;
 use crate::failpoint;
 use crate::merge::SortedMerge;
 use crate::metrics::IngestMetrics;
+use crate::upload::{LakeSink, UploadJournal};
 use crate::wal::Wal;
 use store::dedup::{BatchStats, concat_aligned, filter_horizon, sort_dedup, stats};
 
@@ -83,6 +83,9 @@ pub struct PersistConfig {
     pub flush_zstd_level: i32,
     /// zstd level of compacted files.
     pub compaction_zstd_level: i32,
+    /// Local directory of the multipart uploads in flight (S3 lakes), so that recovery
+    /// can abort those a crash interrupted. None: not journaled.
+    pub upload_journal: Option<std::path::PathBuf>,
 }
 
 impl Default for PersistConfig {
@@ -98,6 +101,7 @@ impl Default for PersistConfig {
             closed_after: Duration::from_secs(600),
             flush_zstd_level: 1,
             compaction_zstd_level: 3,
+            upload_journal: None,
         }
     }
 }
@@ -197,7 +201,7 @@ fn remove_local_temp_files(dir: &std::path::Path) {
 }
 
 /// A Parquet file being uploaded to the lake.
-type ParquetUpload = AsyncArrowWriter<BufWriter>;
+type ParquetUpload = AsyncArrowWriter<LakeSink>;
 
 fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -343,6 +347,18 @@ impl Persister {
     /// partition, the highest persisted write sequence, for WAL replay to skip.
     pub async fn recover(&self) -> Result<HashMap<(String, String, String), u64>, PersistError> {
         let mut persisted = HashMap::new();
+        if let Some((s3, journal)) = self.multipart() {
+            let aborted = journal
+                .abort_all(s3.as_ref())
+                .await
+                .map_err(|e| PersistError::Task(e.to_string()))?;
+            if aborted > 0 {
+                tracing::info!(
+                    aborted,
+                    "aborted the multipart uploads of an interrupted run"
+                );
+            }
+        }
         // Tables with data directories but no manifest yet crashed before their first
         // commit: everything in them is an orphan.
         let mut tables: Vec<(String, String)> = self.manifests.list_tables().await?;
@@ -426,6 +442,18 @@ impl Persister {
         Ok(next)
     }
 
+    /// The multipart store and journal of uploads, when the lake has upload ids to journal.
+    fn multipart(
+        &self,
+    ) -> Option<(
+        Arc<dyn object_store::multipart::MultipartStore>,
+        UploadJournal,
+    )> {
+        let s3 = self.lake.s3.clone()?;
+        let dir = self.config.upload_journal.clone()?;
+        Some((s3, UploadJournal::new(dir)))
+    }
+
     /// Starts a Parquet upload to `path` with the persister's settings.
     fn open_upload(
         &self,
@@ -433,7 +461,7 @@ impl Persister {
         schema: SchemaRef,
         zstd_level: i32,
     ) -> Result<ParquetUpload, PersistError> {
-        let sink = BufWriter::new(self.lake.store.clone(), path.clone());
+        let sink = LakeSink::open(self.lake.store.clone(), self.multipart(), path.clone());
         let props = writer_props(&schema, zstd_level);
         AsyncArrowWriter::try_new(sink, schema, Some(props)).map_err(|source| {
             PersistError::Parquet {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,9 @@ pub struct Lake {
     /// For `file://` lakes, the directory: lets recovery remove the temporary files an
     /// interrupted local write leaves (the object store's listing hides them).
     pub local_dir: Option<std::path::PathBuf>,
+    /// For `s3://` lakes, the store itself: its multipart uploads have ids that recovery
+    /// can abort after a crash.
+    pub s3: Option<Arc<AmazonS3>>,
 }
 
 impl Lake {
@@ -103,6 +106,7 @@ impl Lake {
                 root: Path::default(),
                 url: url.to_string(),
                 local_dir: Some(std::path::PathBuf::from(dir)),
+                s3: None,
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -126,15 +130,16 @@ impl Lake {
             if let Some(k) = &s3.secret_access_key {
                 builder = builder.with_secret_access_key(k);
             }
-            let store = builder.build().map_err(|source| LakeError::Store {
+            let store = Arc::new(builder.build().map_err(|source| LakeError::Store {
                 url: url.to_string(),
                 source,
-            })?;
+            })?);
             return Ok(Lake {
-                store: Arc::new(store),
+                store: store.clone(),
                 root: Path::from(prefix.trim_matches('/')),
                 url: url.to_string(),
                 local_dir: None,
+                s3: Some(store),
             });
         }
         Err(invalid("the scheme must be file:// or s3://"))
