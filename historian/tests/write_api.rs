@@ -287,7 +287,7 @@ async fn body_limit_answers_413_before_and_after_gzip() {
 #[tokio::test]
 async fn limits_on_tables_columns_and_series_reject_with_a_clear_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
+    let mut server = Server::start(
         dir.path(),
         "[limits]\nmax_tables_per_db = 2\nmax_columns_per_table = 4\nmax_series_per_table = 3\n",
     );
@@ -328,6 +328,35 @@ async fn limits_on_tables_columns_and_series_reject_with_a_clear_reason() {
         post(&c, &url, "b,h=2 v=5 2\n").await.0,
         204,
         "known series still accepted"
+    );
+
+    // After a restart the series are in Parquet, not the WAL: the census at start counts
+    // them, so the limit still holds.
+    server.restart_graceful();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // The log file spans both runs; the second start's census is the second line.
+    while server.log().matches("series census done").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no series census");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        !common::live_files(&server.lake(), "d", "b").is_empty(),
+        "the graceful stop flushed table b to Parquet"
+    );
+    let url = server.url("/api/v3/write_lp?db=d&precision=ns");
+    let (status, json) = post(&c, &url, "b,h=5 v=1 1\n").await;
+    assert_eq!(status, 400, "a fourth series after restart: {json}");
+    assert!(
+        json["data"][0]["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("3 series"),
+        "{json}"
+    );
+    assert_eq!(
+        post(&c, &url, "b v=7 9\nb,h=1 v=7 9\n").await.0,
+        204,
+        "stored series still accepted after restart"
     );
 }
 

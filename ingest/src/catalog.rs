@@ -70,7 +70,8 @@ impl TableCatalog {
         self.state.lock().schema.len()
     }
 
-    /// Number of distinct series seen since start (from WAL replay and new writes).
+    /// Number of distinct series known: those in the lake (counted by the census at start),
+    /// replayed from the WAL, and written since.
     pub fn series_count(&self) -> usize {
         self.state.lock().series.len()
     }
@@ -250,7 +251,7 @@ impl Catalog {
         t
     }
 
-    /// Counts the series of replayed rows so that limits hold across restarts.
+    /// Counts the series of stored or replayed rows so that limits hold across restarts.
     pub fn note_series(&self, table: &TableCatalog, batch: &RecordBatch) {
         // The tag columns as plain strings, with their names, found once per batch.
         let schema = batch.schema();

@@ -5,6 +5,7 @@
 
 pub mod buffer;
 pub mod catalog;
+pub mod census;
 pub mod erasure;
 pub mod failpoint;
 pub mod line_protocol;

@@ -256,6 +256,17 @@ impl Ingester {
         if let Some(k) = &config.keyring {
             persister.set_erased(k.erased_key_ids());
         }
+        let manifests: Vec<_> = persister
+            .manifest_tables()
+            .iter()
+            .filter_map(|(db, table)| persister.published_manifest(db, table))
+            .collect();
+        tokio::spawn(crate::census::count_stored_series(
+            persister.store(),
+            catalog.clone(),
+            manifests,
+            now_ns(),
+        ));
         Ok(Arc::new(Ingester {
             catalog,
             buffer,
