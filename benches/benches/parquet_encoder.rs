@@ -4,6 +4,10 @@
 //!
 //! The persister writes through `AsyncArrowWriter` into an object store; here the sync
 //! `ArrowWriter` writes into a `Vec<u8>`, so only the encoding is measured, not the upload.
+//!
+//! `compaction_merge` measures compaction's k-way merge (`ingest::merge::SortedMerge`) over
+//! four flushed files of the same partition: every file holds every host, at later times
+//! than the one before, as a partition's flushes do.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -26,6 +30,8 @@ const HOSTS: usize = 1_000;
 const TIMESTAMPS: usize = 100;
 /// Timestamps per buffered batch: 5 x 1000 hosts = 5000 rows, 20 batches.
 const TIMESTAMPS_PER_BATCH: usize = 5;
+/// Flushed files the compaction bench merges (20 batches, 5 per file).
+const FLUSHES: usize = 4;
 const ROWS: usize = HOSTS * TIMESTAMPS;
 /// The persister's zstd levels: flushes, then compaction.
 const FLUSH_ZSTD: i32 = 1;
@@ -238,6 +244,28 @@ fn bench(c: &mut Criterion) {
             |b, &level| b.iter(|| encode(black_box(&sorted), level).len()),
         );
     }
+    group.finish();
+
+    let files: Vec<bytes::Bytes> = batches
+        .chunks(batches.len() / FLUSHES)
+        .map(|chunk| bytes::Bytes::from(encode(&sort(chunk, &target), FLUSH_ZSTD)))
+        .collect();
+    let merge = |files: &[bytes::Bytes]| {
+        let mut merge =
+            ingest::merge::SortedMerge::new(files.to_vec(), target.clone()).expect("valid files");
+        let mut rows = 0;
+        while let Some(b) = merge.next_batch().expect("merge") {
+            rows += b.num_rows();
+        }
+        rows
+    };
+    assert_eq!(merge(&files), ROWS);
+    let mut group = c.benchmark_group("compaction_merge");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.sample_size(10);
+    group.bench_function("tsbs_cpu_100k/4_flushes", |b| {
+        b.iter(|| merge(black_box(&files)))
+    });
     group.finish();
 
     let mut group = c.benchmark_group("flush_total");

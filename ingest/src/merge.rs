@@ -47,6 +47,35 @@ fn external(e: parquet::errors::ParquetError) -> ArrowError {
     ArrowError::ExternalError(Box::new(e))
 }
 
+/// How many keys from `from` (below `to`) are less than `bound`. The keys are strictly
+/// increasing: a galloping search, so a short run costs a comparison or two and a long
+/// one a logarithm.
+fn rows_below(keys: &Rows, from: usize, to: usize, bound: arrow::row::Row<'_>) -> usize {
+    // Find a step past the run: keys[from + step - 1] >= bound, or the end.
+    let mut lo = from;
+    let mut step = 1;
+    let mut hi = loop {
+        let probe = from + step - 1;
+        if probe >= to {
+            break to;
+        }
+        if keys.row(probe) >= bound {
+            break probe;
+        }
+        lo = probe + 1;
+        step *= 2;
+    };
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if keys.row(mid) < bound {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo - from
+}
+
 impl SortedMerge {
     /// Opens the merge over whole-file contents.
     pub fn new(files: Vec<Bytes>, target: SchemaRef) -> Result<Self, ArrowError> {
@@ -113,23 +142,55 @@ impl SortedMerge {
         let mut members: Vec<(u64, usize, usize)> = Vec::new();
         let mut emitted = 0;
         while emitted < BATCH_ROWS {
-            // The smallest key among the inputs, and every input holding that key.
+            // The smallest key among the inputs, and the smallest of the other inputs' keys.
             let mut min: Option<usize> = None;
+            let mut runner_up: Option<usize> = None;
             for (i, c) in self.cursors.iter().enumerate() {
                 let Some(c) = c else { continue };
-                min = match min {
-                    None => Some(i),
+                match min {
+                    None => min = Some(i),
                     Some(m) => {
                         let mc = self.cursors[m].as_ref().expect("min is live");
                         if c.keys.row(c.pos) < mc.keys.row(mc.pos) {
-                            Some(i)
-                        } else {
-                            Some(m)
+                            runner_up = min;
+                            min = Some(i);
+                        } else if runner_up.is_none_or(|r| {
+                            let rc = self.cursors[r].as_ref().expect("runner-up is live");
+                            c.keys.row(c.pos) < rc.keys.row(rc.pos)
+                        }) {
+                            runner_up = Some(i);
                         }
                     }
-                };
+                }
             }
             let Some(m) = min else { break };
+            // Where the smallest input's keys stay below every other input's, its rows are
+            // copied as one run without comparing each (files that do not overlap, or a
+            // series' rows in one flush, skip the row-by-row merge).
+            let run = {
+                let mc = self.cursors[m].as_ref().expect("min is live");
+                let limit = (mc.rows - mc.pos).min(BATCH_ROWS - emitted);
+                match runner_up {
+                    None => limit,
+                    Some(r) => {
+                        let rc = self.cursors[r].as_ref().expect("runner-up is live");
+                        rows_below(&mc.keys, mc.pos, mc.pos + limit, rc.keys.row(rc.pos))
+                    }
+                }
+            };
+            if run > 0 {
+                let mc = self.cursors[m].as_mut().expect("min is live");
+                let (source, from) = (mc.source, mc.pos);
+                for p in picks.iter_mut() {
+                    p.extend((from..from + run).map(|r| (source, r)));
+                }
+                mc.pos += run;
+                emitted += run;
+                if mc.pos >= mc.rows {
+                    self.load(m)?;
+                }
+                continue;
+            }
             members.clear();
             {
                 let mc = self.cursors[m].as_ref().expect("min is live");
@@ -220,34 +281,11 @@ mod tests {
         Bytes::from(out)
     }
 
-    #[test]
-    fn merging_files_equals_sorting_and_deduplicating_their_union() {
+    /// Merging the files of `flushes` equals sorting and deduplicating all their rows.
+    fn assert_merge_is_sorted_union(flushes: &[Vec<Row<'_>>]) {
         let target = fixtures::schema();
-        // Pseudo-random rows over a small key space so files overlap and collide.
-        let mut x = 7u64;
-        let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            x >> 33
-        };
-        let hosts = ["h0", "h1", "h2", "h3"];
-        let mut all = Vec::new();
-        let mut files = Vec::new();
-        let mut seq = 0;
-        for _ in 0..5 {
-            let mut rows = Vec::new();
-            for _ in 0..20_000 {
-                seq += 1;
-                let h = hosts[(next() % 4) as usize];
-                let t = (next() % 3000) as i64;
-                let a = (next() % 3 != 0).then(|| (next() % 100) as f64);
-                let b = (next() % 2 == 0).then(|| (next() % 100) as f64);
-                rows.push((h, t, a, b, seq));
-            }
-            files.push(file(&rows));
-            all.extend(rows);
-        }
+        let files: Vec<Bytes> = flushes.iter().map(|rows| file(rows)).collect();
+        let all: Vec<Row<'_>> = flushes.iter().flatten().cloned().collect();
         let expected = {
             let f = file(&all);
             let r = ParquetRecordBatchReaderBuilder::try_new(f)
@@ -276,5 +314,65 @@ mod tests {
                 target.field(c).name()
             );
         }
+    }
+
+    #[test]
+    fn merging_files_equals_sorting_and_deduplicating_their_union() {
+        // Pseudo-random rows over a small key space so files overlap and collide.
+        let mut x = 7u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            x >> 33
+        };
+        let hosts = ["h0", "h1", "h2", "h3"];
+        let mut flushes = Vec::new();
+        let mut seq = 0;
+        for _ in 0..5 {
+            let mut rows = Vec::new();
+            for _ in 0..20_000 {
+                seq += 1;
+                let h = hosts[(next() % 4) as usize];
+                let t = (next() % 3000) as i64;
+                let a = (next() % 3 != 0).then(|| (next() % 100) as f64);
+                let b = (next() % 2 == 0).then(|| (next() % 100) as f64);
+                rows.push((h, t, a, b, seq));
+            }
+            flushes.push(rows);
+        }
+        assert_merge_is_sorted_union(&flushes);
+    }
+
+    #[test]
+    fn files_that_do_not_overlap_or_overlap_in_runs_merge_as_the_sorted_union() {
+        let hosts = ["h0", "h1", "h2", "h3", "h4", "h5"];
+        let mut seq = 0;
+        let mut rows = |hosts: &[&'static str], times: std::ops::Range<i64>| {
+            let mut out = Vec::new();
+            for h in hosts {
+                for t in times.clone() {
+                    seq += 1;
+                    out.push((*h, t, Some(t as f64), None, seq));
+                }
+            }
+            out
+        };
+        // Disjoint hosts: whole files are runs.
+        let disjoint = vec![
+            rows(&hosts[..2], 0..10_000),
+            rows(&hosts[2..4], 0..10_000),
+            rows(&hosts[4..], 0..10_000),
+        ];
+        assert_merge_is_sorted_union(&disjoint);
+        // Every host in every file at later times (a partition's flushes): a run per
+        // series and file; the last file repeats one time of the one before (a resend).
+        let flushes = vec![
+            rows(&hosts, 0..3_000),
+            rows(&hosts, 3_000..9_000),
+            rows(&hosts, 8_999..9_100),
+            rows(&hosts[..1], 20_000..20_001),
+        ];
+        assert_merge_is_sorted_union(&flushes);
     }
 }
