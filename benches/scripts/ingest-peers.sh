@@ -19,6 +19,8 @@ HOSTS="${HOSTS:-1000}"
 GZIP="${GZIP:-}"
 ROWS="${ROWS:-}"
 ONLY="${ONLY:-historian historian-nosync victoriametrics influxdb}"
+# CONFIG=file.toml starts Historian with that config (data dir and bind still from here).
+CONFIG="${CONFIG:-}"
 WORK="$(mktemp -d /var/tmp/ingest-peers.XXXXXX)"
 RESULTS="$WORK/results.jsonl"
 SERVER_PID=""
@@ -56,7 +58,9 @@ for run in $ONLY; do
     case "$run" in
     historian | historian-nosync)
         mkdir -p "$WORK/$run"
-        "$BIN/historian" serve --data-dir "$WORK/$run" --http-bind 127.0.0.1:18181 \
+        config=()
+        [ -n "$CONFIG" ] && config=(--config "$CONFIG")
+        "$BIN/historian" serve "${config[@]}" --data-dir "$WORK/$run" --http-bind 127.0.0.1:18181 \
             > "$WORK/$run.log" 2>&1 &
         SERVER_PID=$!
         wait_port 18181
