@@ -278,7 +278,7 @@ async fn run_key_expiry(
     interval: std::time::Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    if let Err(e) = ingester.persister.purge_erased().await {
+    if let Err(e) = ingester.persister.hide_erased().await {
         tracing::error!(error = %e, "could not finish purging erased subjects; retrying at the next start");
     }
     let mut tick = tokio::time::interval(interval.max(std::time::Duration::from_secs(1)));

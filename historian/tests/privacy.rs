@@ -385,7 +385,7 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
         "{receipt}"
     );
     assert!(
-        receipt["files_rewritten"].as_u64().unwrap() >= 2,
+        receipt["files_with_deletion_vectors"].as_u64().unwrap() >= 2,
         "{receipt}"
     );
     assert!(
@@ -459,6 +459,123 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
     );
     // The log never names anyone.
     assert!(!server.log().contains(&operator));
+}
+
+/// Rows in the live files of `mes_event` (what DuckDB would read), and the deletion
+/// vectors the manifest names.
+fn stored_rows_and_vectors(lake: &Path) -> (usize, Vec<String>) {
+    let m = common::manifest(lake, "plant", "mes_event");
+    let files = m["files"].as_array().unwrap();
+    let rows = files
+        .iter()
+        .map(|f| {
+            common::read_parquet(&lake.join(f["path"].as_str().unwrap()))
+                .iter()
+                .map(|b| b.num_rows())
+                .sum::<usize>()
+        })
+        .sum();
+    let vectors = files
+        .iter()
+        .filter_map(|f| f["deletes"]["path"].as_str().map(str::to_string))
+        .collect();
+    (rows, vectors)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn erasure_hides_rows_by_deletion_vectors_until_compaction_rewrites_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Maintenance runs once at start, then not for an hour: the vectors stay in place.
+    let idle = profile_config("").replace("interval = \"200ms\"", "interval = \"1h\"");
+    common::init_keyring(&data, &idle);
+    let mut server = Server::start(&data, &idle);
+    let t0 = (now_ns() / DAY - 2) * DAY;
+    let body: String = (0..40i64)
+        .map(|i| {
+            let who = if i % 4 == 0 { "E-GONE" } else { "E-STAYS" };
+            format!(
+                "mes_event,line=L1,machine=M{},event=login operator_id=\"{who}\",operator_name=\"Name {who}\" {}\n",
+                i % 3,
+                t0 + i * 3600 * SEC
+            )
+        })
+        .collect();
+    write_all(&server, &[body.into_bytes()]).await;
+    // A graceful stop flushes the buffer: the rows are in Parquet before the erasure.
+    server.restart_graceful();
+    let lake = server.lake();
+    assert_eq!(stored_rows_and_vectors(&lake), (40, vec![]));
+
+    let (status, receipt) = post(
+        &server.dpo(),
+        &server.url("/api/v3/subjects/erase"),
+        json!({"subject": "E-GONE"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{receipt}");
+    let marked = receipt["receipt"]["files_with_deletion_vectors"]
+        .as_u64()
+        .unwrap();
+    assert!(marked >= 2, "the subject's rows span two days: {receipt}");
+    // The files are unchanged; their deletion vectors hide the subject's 10 rows from
+    // every query at once.
+    let (stored, vectors) = stored_rows_and_vectors(&lake);
+    assert_eq!(stored, 40, "no file was rewritten yet");
+    assert_eq!(vectors.len() as u64, marked);
+    for v in &vectors {
+        assert!(v.contains("/_deletes/") && v.ends_with(".roaring"), "{v}");
+        assert!(lake.join(v).is_file(), "{v} is in the lake");
+    }
+    assert_eq!(count(&server, "mes_event").await, 30);
+    let per_machine = rows(
+        &server,
+        "plant",
+        "SELECT machine, count(*) AS n FROM mes_event GROUP BY machine ORDER BY machine",
+    )
+    .await;
+    let expected: Vec<i64> = (0..3)
+        .map(|m| (0..40).filter(|i| i % 3 == m && i % 4 != 0).count() as i64)
+        .collect();
+    let got: Vec<i64> = per_machine
+        .iter()
+        .map(|r| r["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(export(&server, "E-STAYS").await.len(), 30);
+    assert!(export(&server, "E-GONE").await.is_empty());
+    // Marking again finds nothing new.
+    let (_, again) = post(
+        &server.dpo(),
+        &server.url("/api/v3/subjects/erase"),
+        json!({"subject": "E-GONE"}).to_string(),
+    )
+    .await;
+    assert_eq!(again["receipt"]["files_with_deletion_vectors"], json!(0));
+    // A restart keeps them hidden (the vectors are in the manifest).
+    server.kill9();
+    server.restart_with_env(&[]);
+    assert_eq!(count(&server, "mes_event").await, 30);
+
+    // With maintenance running, compaction rewrites the files without the rows, and the
+    // vectors leave the manifest (and, after the grace period, the lake).
+    server.set_config(&profile_config(""));
+    server.restart_graceful();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (stored, vectors_now) = stored_rows_and_vectors(&lake);
+        if stored == 30 && vectors_now.is_empty() && vectors.iter().all(|v| !lake.join(v).exists())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not rewritten: {stored} rows stored, vectors {vectors_now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(count(&server, "mes_event").await, 30);
+    assert_eq!(export(&server, "E-STAYS").await.len(), 30);
 }
 
 #[tokio::test(flavor = "multi_thread")]

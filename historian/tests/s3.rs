@@ -865,7 +865,10 @@ operator_id = ["operator_name", "badge_id"]
     .await;
     assert_eq!(status, 200, "{receipt}");
     assert!(
-        receipt["receipt"]["files_rewritten"].as_u64().unwrap() >= 2,
+        receipt["receipt"]["files_with_deletion_vectors"]
+            .as_u64()
+            .unwrap()
+            >= 2,
         "{receipt}"
     );
     // Once the replaced objects are past their grace period, no object holds ALPHA's

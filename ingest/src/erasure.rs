@@ -55,28 +55,74 @@ pub fn may_hold(stored: Option<&str>, erased: &HashSet<u64>) -> bool {
     }
 }
 
-/// The batch without rows that have a cell under an erased key.
-pub fn drop_erased(batch: &RecordBatch, erased: &HashSet<u64>) -> Result<RecordBatch, ArrowError> {
+/// Per row of the batch, whether it has a cell under an erased key; None if no row has.
+fn erased_mask(batch: &RecordBatch, erased: &HashSet<u64>) -> Option<Vec<bool>> {
     if erased.is_empty() {
-        return Ok(batch.clone());
+        return None;
     }
-    let mut keep = vec![true; batch.num_rows()];
-    let mut dropped = false;
+    let mut hit = vec![false; batch.num_rows()];
+    let mut any = false;
     for cells in cell_columns(batch) {
-        for (row, k) in keep.iter_mut().enumerate() {
-            if *k
+        for (row, h) in hit.iter_mut().enumerate() {
+            if !*h
                 && cells.is_valid(row)
                 && privacy::key_id_of(cells.value(row)).is_some_and(|id| erased.contains(&id))
             {
-                *k = false;
-                dropped = true;
+                *h = true;
+                any = true;
             }
         }
     }
-    if !dropped {
-        return Ok(batch.clone());
+    any.then_some(hit)
+}
+
+/// The batch without rows that have a cell under an erased key.
+pub fn drop_erased(batch: &RecordBatch, erased: &HashSet<u64>) -> Result<RecordBatch, ArrowError> {
+    match erased_mask(batch, erased) {
+        None => Ok(batch.clone()),
+        Some(hit) => filter_record_batch(
+            batch,
+            &BooleanArray::from_iter(hit.iter().map(|h| Some(!h))),
+        ),
     }
-    filter_record_batch(batch, &BooleanArray::from(keep))
+}
+
+/// The positions (in file order) of a Parquet file's rows that have a cell under an erased
+/// key: its deletion vector. Only the cell columns are decoded.
+pub fn erased_rows(
+    file: bytes::Bytes,
+    erased: &HashSet<u64>,
+) -> Result<RoaringTreemap, parquet::errors::ParquetError> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let cells: Vec<usize> = builder
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.data_type() == &arrow::datatypes::DataType::Binary)
+        .map(|(i, _)| i)
+        .collect();
+    let mut rows = RoaringTreemap::new();
+    if cells.is_empty() {
+        return Ok(rows);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), cells);
+    let mut offset = 0u64;
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        if let Some(hit) = erased_mask(&batch, erased) {
+            rows.extend(
+                hit.iter()
+                    .enumerate()
+                    .filter(|(_, h)| **h)
+                    .map(|(i, _)| offset + i as u64),
+            );
+        }
+        offset += batch.num_rows() as u64;
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -120,5 +166,17 @@ mod tests {
         let kept = drop_erased(&batch, &HashSet::from([9])).unwrap();
         assert_eq!(kept.num_rows(), 2);
         assert_eq!(drop_erased(&batch, &HashSet::new()).unwrap().num_rows(), 3);
+
+        let mut file = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut file, batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let rows = erased_rows(bytes::Bytes::from(file), &HashSet::from([9])).unwrap();
+        assert_eq!(
+            rows.iter().collect::<Vec<_>>(),
+            vec![2, 5],
+            "positions in file order"
+        );
     }
 }

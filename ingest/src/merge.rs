@@ -13,13 +13,30 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, Rows};
 use bytes::Bytes;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
+};
 use store::SEQ_COLUMN;
 
 use store::dedup::{align, is_key, series_key_converter};
 
 /// Rows per output batch and per input read.
 const BATCH_ROWS: usize = 8192;
+
+/// One file to merge: its bytes, and the row ranges it keeps (None: all; a deletion vector
+/// hides the others).
+pub struct MergeInput {
+    /// The whole Parquet file.
+    pub bytes: Bytes,
+    /// Rows to read, in file order.
+    pub kept: Option<Vec<std::ops::Range<usize>>>,
+}
+
+impl From<Bytes> for MergeInput {
+    fn from(bytes: Bytes) -> Self {
+        MergeInput { bytes, kept: None }
+    }
+}
 
 /// The current batch of one input.
 struct Cursor {
@@ -77,16 +94,25 @@ fn rows_below(keys: &Rows, from: usize, to: usize, bound: arrow::row::Row<'_>) -
 }
 
 impl SortedMerge {
-    /// Opens the merge over whole-file contents.
-    pub fn new(files: Vec<Bytes>, target: SchemaRef) -> Result<Self, ArrowError> {
+    /// Opens the merge over whole-file contents (with the rows each input keeps).
+    pub fn new(files: Vec<impl Into<MergeInput>>, target: SchemaRef) -> Result<Self, ArrowError> {
         let (key_columns, converter) = series_key_converter(&target)?;
         let seq_column = target.index_of(SEQ_COLUMN)?;
         let readers = files
             .into_iter()
-            .map(|bytes| {
-                ParquetRecordBatchReaderBuilder::try_new(bytes)
-                    .and_then(|b| b.with_batch_size(BATCH_ROWS).build())
-                    .map_err(external)
+            .map(|input| {
+                let MergeInput { bytes, kept } = input.into();
+                let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .map_err(external)?
+                    .with_batch_size(BATCH_ROWS);
+                if let Some(kept) = kept {
+                    let total = builder.metadata().file_metadata().num_rows() as usize;
+                    builder = builder.with_row_selection(RowSelection::from_consecutive_ranges(
+                        kept.into_iter(),
+                        total,
+                    ));
+                }
+                builder.build().map_err(external)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut merge = SortedMerge {

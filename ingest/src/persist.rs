@@ -16,14 +16,14 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use store::{
-    FileMeta, Lake, Layout, Manifest, ManifestError, ManifestStore, PartitionKey, PendingDelete,
-    TIME_COLUMN,
+    DeletionVector, FileMeta, Lake, Layout, Manifest, ManifestError, ManifestStore, PartitionKey,
+    PendingDelete, TIME_COLUMN,
 };
 
 use crate::buffer::{FlushCandidate, FlushSnapshot, WriteBuffer};
 use crate::catalog::Catalog;
 use crate::failpoint;
-use crate::merge::SortedMerge;
+use crate::merge::{MergeInput, SortedMerge};
 use crate::metrics::IngestMetrics;
 use crate::upload::{LakeSink, UploadJournal};
 use crate::wal::Wal;
@@ -250,14 +250,18 @@ impl Persister {
         self.erased.lock().clone()
     }
 
-    /// Rewrites every file that may hold rows under an erased key (by the files' key
-    /// bitmaps) without those rows. Returns how many files were rewritten.
-    pub async fn purge_erased(&self) -> Result<usize, PersistError> {
+    /// Hides the rows under erased keys: every file that may hold them (by its key bitmap)
+    /// gets a deletion vector naming those rows, committed to the manifest, so readers skip
+    /// them at once; compaction then rewrites the files without them (see
+    /// [`Persister::compact`]). A file left with no rows leaves the manifest. Idempotent:
+    /// a file whose vector already covers its erased rows is left alone. Returns how many
+    /// files got a new or larger deletion vector.
+    pub async fn hide_erased(&self) -> Result<usize, PersistError> {
         let erased = self.erased();
         if erased.is_empty() {
             return Ok(0);
         }
-        let mut rewritten = 0;
+        let mut hidden = 0;
         for (db, table) in self.manifest_tables() {
             let personal = self
                 .catalog
@@ -267,21 +271,95 @@ impl Persister {
                 continue;
             }
             let manifest = self.manifest(&db, &table).await;
-            let mut by_partition: BTreeMap<String, Vec<FileMeta>> = BTreeMap::new();
+            let mut vectors: HashMap<String, Option<DeletionVector>> = HashMap::new();
+            let mut stale = Vec::new();
             for f in &manifest.files {
-                if crate::erasure::may_hold(f.key_ids.as_deref(), &erased) {
-                    by_partition
-                        .entry(f.partition.clone())
-                        .or_default()
-                        .push(f.clone());
+                if !crate::erasure::may_hold(f.key_ids.as_deref(), &erased) {
+                    continue;
                 }
+                let mut rows = match &f.deletes {
+                    Some(d) => store::deletes::load(self.lake.store.as_ref(), &d.path)
+                        .await
+                        .map_err(|e| PersistError::Task(e.to_string()))?,
+                    None => roaring::RoaringTreemap::new(),
+                };
+                let before = rows.len();
+                let bytes = self.read_bytes(&f.path).await?;
+                let found_erased = erased.clone();
+                let path = f.path.clone();
+                let found = tokio::task::spawn_blocking(move || {
+                    crate::erasure::erased_rows(bytes, &found_erased)
+                        .map_err(|source| PersistError::Parquet { path, source })
+                })
+                .await
+                .map_err(|e| PersistError::Task(e.to_string()))??;
+                rows |= found;
+                if rows.len() == before {
+                    continue;
+                }
+                hidden += 1;
+                stale.extend(f.deletes.iter().map(|d| d.path.clone()));
+                if rows.len() >= f.rows {
+                    // Nothing of the file is left to read.
+                    vectors.insert(f.path.clone(), None);
+                    continue;
+                }
+                let path = store::deletes::vector_path(&f.path, &random_id());
+                self.lake
+                    .store
+                    .put(&path, store::deletes::encode(&rows).into())
+                    .await
+                    .map_err(|source| PersistError::Store {
+                        path: path.to_string(),
+                        source,
+                    })?;
+                vectors.insert(
+                    f.path.clone(),
+                    Some(DeletionVector {
+                        path: path.to_string(),
+                        rows: rows.len(),
+                    }),
+                );
             }
-            for (partition, files) in by_partition {
-                rewritten += files.len();
-                self.compact_files(&db, &table, &partition, files).await?;
+            if vectors.is_empty() {
+                continue;
             }
+            let delete_after_ms = now_ms() + self.config.deletion_grace.as_millis() as i64;
+            let committed = self
+                .commit(&db, &table, |m| {
+                    let mut gone = Vec::new();
+                    m.files.retain_mut(|f| match vectors.get(&f.path) {
+                        None => true,
+                        Some(Some(v)) => {
+                            f.deletes = Some(v.clone());
+                            true
+                        }
+                        Some(None) => {
+                            gone.push(f.path.clone());
+                            false
+                        }
+                    });
+                    m.pending_deletes
+                        .extend(gone.into_iter().chain(stale).map(|path| PendingDelete {
+                            path,
+                            delete_after_ms,
+                        }));
+                })
+                .await;
+            if let Err(e) = committed {
+                for v in vectors.values().flatten() {
+                    let _ = self.lake.store.delete(&Path::from(v.path.as_str())).await;
+                }
+                return Err(e);
+            }
+            tracing::info!(
+                db,
+                table,
+                files = vectors.len(),
+                "erased rows hidden by deletion vectors"
+            );
         }
-        Ok(rewritten)
+        Ok(hidden)
     }
 
     /// Hands the persister the WAL whose segments it retires.
@@ -378,7 +456,7 @@ impl Persister {
                 .flat_map(|m| {
                     m.files
                         .iter()
-                        .map(|f| f.path.as_str())
+                        .flat_map(FileMeta::objects)
                         .chain(m.pending_deletes.iter().map(|d| d.path.as_str()))
                 })
                 .collect();
@@ -608,6 +686,7 @@ impl Persister {
                 schema_version: schema.version,
                 compacted: false,
                 key_ids: crate::erasure::encode_key_ids(&crate::erasure::key_ids(&batch)),
+                deletes: None,
             })
         } else {
             None
@@ -727,6 +806,17 @@ impl Persister {
             .map(|(p, fs)| (p.to_string(), fs.into_iter().cloned().collect()))
             .collect();
         for (partition, files) in partitions {
+            // Rows hidden by deletion vectors (erasure) leave the lake at the next run.
+            let with_deletes: Vec<FileMeta> = files
+                .iter()
+                .filter(|f| f.deletes.is_some())
+                .cloned()
+                .collect();
+            if !with_deletes.is_empty() {
+                self.compact_files(db, table, &partition, with_deletes)
+                    .await?;
+                continue;
+            }
             let closed = self
                 .last_flush
                 .lock()
@@ -807,7 +897,17 @@ impl Persister {
         };
         let mut inputs = Vec::with_capacity(chosen.len());
         for f in &chosen {
-            inputs.push(self.read_bytes(&f.path).await?);
+            let bytes = self.read_bytes(&f.path).await?;
+            let kept = match &f.deletes {
+                Some(d) => {
+                    let rows = store::deletes::load(self.lake.store.as_ref(), &d.path)
+                        .await
+                        .map_err(|e| PersistError::Task(e.to_string()))?;
+                    Some(store::deletes::kept_ranges(&rows, f.rows))
+                }
+                None => None,
+            };
+            inputs.push(MergeInput { bytes, kept });
         }
         let horizon = t.options.horizon(now_ns());
         let erased = self.erased();
@@ -878,9 +978,14 @@ impl Persister {
                 schema_version: schema.version,
                 compacted: true,
                 key_ids: crate::erasure::encode_key_ids(&key_ids),
+                deletes: None,
             }
         });
-        let replaced: HashSet<String> = chosen.iter().map(|f| f.path.clone()).collect();
+        let replaced: HashSet<String> = chosen
+            .iter()
+            .flat_map(FileMeta::objects)
+            .map(str::to_string)
+            .collect();
         let delete_after_ms = now_ms() + self.config.deletion_grace.as_millis() as i64;
         let new_path = new_file.as_ref().map(|f| f.path.clone());
         let result = self
@@ -958,10 +1063,14 @@ impl Persister {
                     .partition(|f| expired.contains_key(&f.partition));
                 m.files = keep;
                 m.pending_deletes
-                    .extend(gone.into_iter().map(|f| PendingDelete {
-                        path: f.path,
-                        delete_after_ms: grace,
-                    }));
+                    .extend(
+                        gone.iter()
+                            .flat_map(FileMeta::objects)
+                            .map(|path| PendingDelete {
+                                path: path.to_string(),
+                                delete_after_ms: grace,
+                            }),
+                    );
             })
             .await?;
             for (p, n) in expired {

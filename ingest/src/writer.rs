@@ -120,9 +120,10 @@ pub struct ErasureReceipt {
     pub keys_destroyed: usize,
     /// Tables (`db/table`) that held data of the subject.
     pub tables: Vec<String>,
-    /// Parquet files rewritten without the subject's rows.
-    pub files_rewritten: usize,
-    /// When the physical purge finished (Unix ns).
+    /// Parquet files given a deletion vector that hides the subject's rows from then on.
+    /// Compaction rewrites them without those rows at its next run (`persist.interval`).
+    pub files_with_deletion_vectors: usize,
+    /// When the buffer and WAL were purged and the deletion vectors committed (Unix ns).
     pub purged_ns: i64,
     /// Replaced files are deleted after this many seconds (readers may still use them).
     pub replaced_files_deleted_after_secs: u64,
@@ -400,26 +401,28 @@ impl Ingester {
             "subject erased: keys destroyed"
         );
         self.persister.set_erased(keyring.erased_key_ids());
-        let files_rewritten = self.purge_erased().await?;
+        let files_with_deletion_vectors = self.purge_erased().await?;
         Ok(ErasureReceipt {
             requested_ns,
             keys_destroyed_ns,
             keys_destroyed,
             tables,
-            files_rewritten,
+            files_with_deletion_vectors,
             purged_ns: now_ns(),
             replaced_files_deleted_after_secs: self.persister.deletion_grace().as_secs(),
         })
     }
 
     /// Purges rows under keys destroyed by erasure: closes the WAL segment, flushes the
-    /// buffer without them (so every WAL segment that held them retires), and rewrites the
-    /// files whose key bitmaps name those keys. Returns the files rewritten.
+    /// buffer without them (so every WAL segment that held them retires), and gives the
+    /// files whose key bitmaps name those keys deletion vectors, which hide the rows at
+    /// once; compaction rewrites those files without them at its next run. Returns the
+    /// files given a deletion vector.
     pub async fn purge_erased(&self) -> Result<usize, EraseError> {
         let purge = |e: &dyn std::fmt::Display| EraseError::Purge(e.to_string());
         self.wal.rotate_now().await.map_err(|e| purge(&e))?;
         self.persister.flush_all().await.map_err(|e| purge(&e))?;
-        self.persister.purge_erased().await.map_err(|e| purge(&e))
+        self.persister.hide_erased().await.map_err(|e| purge(&e))
     }
 
     /// Destroys the data keys whose period lies wholly before a table's personal TTL

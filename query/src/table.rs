@@ -1,8 +1,8 @@
 //! One Historian table as DataFusion sees it: the write buffer and the Parquet files of one
 //! snapshot, deduplicated where they may overlap, with the retention horizon applied.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use arrow::array::RecordBatch;
 use arrow::compute::SortOptions;
@@ -10,10 +10,11 @@ use arrow::datatypes::{Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::config::TableParquetOptions;
-use datafusion::common::{DFSchema, Result, ScalarValue};
+use datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::ParquetRowSelection;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::object_store::ObjectStoreUrl;
@@ -27,6 +28,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
+use parquet::arrow::arrow_reader::RowSelection;
 use store::dedup::{align, filter_time};
 use store::{ColumnType, FileMeta, SEQ_COLUMN, TIME_COLUMN, TableSnapshot};
 
@@ -156,6 +158,14 @@ impl LakeTable {
         &self.snapshot
     }
 
+    /// Whether some file has rows hidden by a deletion vector.
+    pub fn has_deletion_vectors(&self) -> bool {
+        self.snapshot
+            .manifest
+            .as_ref()
+            .is_some_and(|m| m.files.iter().any(|f| f.deletes.is_some()))
+    }
+
     /// Rows before this time (ns) are past the TTL.
     pub fn horizon(&self) -> i64 {
         self.horizon
@@ -215,10 +225,50 @@ impl LakeTable {
             .all(|c| c.name == TIME_COLUMN || tags.contains(c.name.as_str()))
     }
 
+    /// The rows each file with a deletion vector keeps, by file path. Vectors are
+    /// immutable objects, so each is read once per process.
+    async fn kept_rows<'a>(
+        &self,
+        state: &dyn Session,
+        files: impl Iterator<Item = &'a FileMeta>,
+    ) -> Result<HashMap<String, RowSelection>> {
+        static KEPT: LazyLock<Mutex<HashMap<String, RowSelection>>> =
+            LazyLock::new(|| Mutex::new(HashMap::new()));
+        /// Vectors remembered at most; past it the memory starts over.
+        const REMEMBERED: usize = 4096;
+        let mut out = HashMap::new();
+        for f in files {
+            let Some(d) = &f.deletes else { continue };
+            let known = KEPT.lock().ok().and_then(|k| k.get(&d.path).cloned());
+            let selection = match known {
+                Some(s) => s,
+                None => {
+                    let store = state.runtime_env().object_store(&self.lake_url)?;
+                    let rows = store::deletes::load(store.as_ref(), &d.path)
+                        .await
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    let kept = store::deletes::kept_ranges(&rows, f.rows);
+                    let s =
+                        RowSelection::from_consecutive_ranges(kept.into_iter(), f.rows as usize);
+                    if let Ok(mut k) = KEPT.lock() {
+                        if k.len() >= REMEMBERED {
+                            k.clear();
+                        }
+                        k.insert(d.path.clone(), s.clone());
+                    }
+                    s
+                }
+            };
+            out.insert(f.path.clone(), selection);
+        }
+        Ok(out)
+    }
+
     fn parquet_scan(
         &self,
         state: &dyn Session,
         files: &[&FileMeta],
+        kept: &HashMap<String, RowSelection>,
         projection: &[usize],
         predicate: Option<Expr>,
         sorted: bool,
@@ -233,7 +283,12 @@ impl LakeTable {
             let df_schema = DFSchema::try_from(self.stored.clone())?;
             source = source.with_predicate(state.create_physical_expr(p, &df_schema)?);
         }
-        let file = |f: &&FileMeta| PartitionedFile::new(f.path.clone(), f.bytes);
+        // A deletion vector's hidden rows are never read.
+        let file = |f: &&FileMeta| match kept.get(&f.path) {
+            Some(rows) => PartitionedFile::new(f.path.clone(), f.bytes)
+                .with_extension(ParquetRowSelection::new(rows.clone())),
+            None => PartitionedFile::new(f.path.clone(), f.bytes),
+        };
         let groups: Vec<FileGroup> = if sorted {
             files
                 .iter()
@@ -424,6 +479,9 @@ impl TableProvider for LakeTable {
                 }
             }
         }
+        let kept = self
+            .kept_rows(state, files.values().flatten().copied())
+            .await?;
         let with_keys_schema = Arc::new(self.stored.project(&with_keys)?);
         // The buffer's batches are sorted, deduplicated runs (see `ingest::buffer`).
         let mut buffered: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
@@ -483,7 +541,7 @@ impl TableProvider for LakeTable {
                 let predicate =
                     conjunction(all_filters.clone().into_iter().chain([outside.clone()]));
                 let scan =
-                    self.parquet_scan(state, &partly_outside, &with_time, predicate, false)?;
+                    self.parquet_scan(state, &partly_outside, &kept, &with_time, predicate, false)?;
                 let kept = exact_filter(state, scan, &self.stored, &with_time, outside)?;
                 branches.push(project(kept, &self.stored, &with_time, &inner)?);
             }
@@ -493,7 +551,8 @@ impl TableProvider for LakeTable {
             if !merged_files.is_empty() {
                 let predicate =
                     conjunction(key_filters.clone().into_iter().chain([inside.clone()]));
-                let scan = self.parquet_scan(state, &merged_files, &with_keys, predicate, true)?;
+                let scan =
+                    self.parquet_scan(state, &merged_files, &kept, &with_keys, predicate, true)?;
                 inputs.push(exact_filter(state, scan, &self.stored, &with_keys, inside)?);
             }
             if let Some(runs) = buffer {
@@ -510,7 +569,14 @@ impl TableProvider for LakeTable {
             branches.push(project(deduped, &self.stored, &with_keys, &inner)?);
         }
         if !plain_files.is_empty() {
-            branches.push(self.parquet_scan(state, &plain_files, &inner, all_filters, false)?);
+            branches.push(self.parquet_scan(
+                state,
+                &plain_files,
+                &kept,
+                &inner,
+                all_filters,
+                false,
+            )?);
         }
         let inner_schema = Arc::new(self.stored.project(&inner)?);
         let mut plan: Arc<dyn ExecutionPlan> = match branches.len() {
@@ -573,6 +639,7 @@ mod tests {
             schema_version: 1,
             compacted: false,
             key_ids: None,
+            deletes: None,
         }
     }
 

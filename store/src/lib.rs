@@ -4,6 +4,7 @@
 //! Nothing here knows about HTTP, the write-ahead log or DataFusion.
 
 pub mod dedup;
+pub mod deletes;
 pub mod lake;
 pub mod layout;
 pub mod manifest;
@@ -12,6 +13,7 @@ pub mod schema;
 pub mod snapshot;
 pub mod table;
 
+pub use deletes::DeletionVector;
 pub use lake::{Lake, LakeError, S3Options};
 pub use layout::Layout;
 pub use manifest::{FileMeta, Manifest, ManifestError, ManifestStore, PendingDelete};

@@ -83,6 +83,21 @@ pub struct FileMeta {
     /// subject. None: no personal cells (or a file from before bitmaps: read to find out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_ids: Option<String>,
+    /// Rows hidden from readers until compaction rewrites the file without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletes: Option<crate::DeletionVector>,
+}
+
+impl FileMeta {
+    /// The objects that make up the file: its Parquet file and its deletion vector.
+    pub fn objects(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.path.as_str()).chain(self.deletes.as_ref().map(|d| d.path.as_str()))
+    }
+
+    /// Rows readers see: the file's rows less those its deletion vector hides.
+    pub fn live_rows(&self) -> u64 {
+        self.rows - self.deletes.as_ref().map_or(0, |d| d.rows.min(self.rows))
+    }
 }
 
 /// A file no longer in the table, deleted once readers can no longer be using it.
