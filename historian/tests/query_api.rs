@@ -322,6 +322,29 @@ async fn last_write_wins_across_buffer_and_files() {
     let plan = rows(&server, "db", &format!("EXPLAIN {lastpoint}")).await;
     let physical = plan[1]["plan"].as_str().unwrap();
     assert!(!physical.contains("file_type=parquet"), "{physical}");
+    // A filter on tags keeps whole series: the fast path still applies, the filter above it.
+    let one = "SELECT DISTINCT ON (host) host, x, y FROM m WHERE host IN ('b', 'c') ORDER BY host, time DESC";
+    assert_eq!(
+        rows(&server, "db", one).await,
+        vec![json!({"host": "b", "x": 5.0})]
+    );
+    let plan = rows(&server, "db", &format!("EXPLAIN {one}")).await;
+    let physical = plan[1]["plan"].as_str().unwrap();
+    assert!(!physical.contains("file_type=parquet"), "{physical}");
+    // A filter on a field is not per series: the plain plan answers (the last row with
+    // x < 3 is not the last row).
+    let field = "SELECT DISTINCT ON (host) host, x FROM m WHERE x < 3 ORDER BY host, time DESC";
+    assert_eq!(
+        rows(&server, "db", field).await,
+        vec![json!({"host": "a", "x": 2.0})]
+    );
+    let plan = rows(&server, "db", &format!("EXPLAIN {field}")).await;
+    assert!(
+        plan[1]["plan"]
+            .as_str()
+            .unwrap()
+            .contains("file_type=parquet")
+    );
     write(&server, "db", format!("m,host=b x=6 {}\n", t + 1)).await;
     let r = rows(&server, "db", lastpoint).await;
     assert_eq!(

@@ -193,6 +193,14 @@ fn tsbs_queries(duckdb: bool) -> Vec<(&'static str, String)> {
             ),
         ),
         (
+            "lastpoint-two-regions",
+            format!(
+                "SELECT DISTINCT ON (hostname) hostname, region, {} AS t, usage_user FROM cpu \
+                 WHERE region IN ('eu-west-1', 'us-east-1') ORDER BY hostname, time DESC",
+                ns("time")
+            ),
+        ),
+        (
             "mes-line-10m",
             format!(
                 "SELECT line, {} AS b, avg(temperature) AS t, max(vibration) AS v, \

@@ -16,7 +16,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::Transformed;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, DataFusionError, Result};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableType, provider_as_source, source_as_provider};
@@ -333,7 +333,30 @@ fn is_lastpoint(agg: &Aggregate, scan: &TableScan, table: &LakeTable) -> bool {
         }
         saw_time
     });
-    group_ok && aggr_ok && scan.filters.is_empty() && scan.fetch.is_none()
+    group_ok
+        && aggr_ok
+        && scan.filters.iter().all(|f| on_tags_only(f, &tags))
+        && scan.fetch.is_none()
+}
+
+/// Whether a predicate reads only tags, deterministically and without subqueries: tags are
+/// constant within a series, so such a filter keeps or drops whole series and commutes with
+/// taking each series' last row.
+fn on_tags_only(predicate: &Expr, tags: &BTreeSet<&str>) -> bool {
+    let refs_ok = predicate
+        .column_refs()
+        .iter()
+        .all(|c| tags.contains(c.name.as_str()));
+    let plain = !predicate.is_volatile()
+        && !predicate
+            .exists(|e| {
+                Ok(matches!(
+                    e,
+                    Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
+                ))
+            })
+            .unwrap_or(true);
+    refs_ok && plain
 }
 
 impl OptimizerRule for LastPointRule {
@@ -357,8 +380,14 @@ impl OptimizerRule for LastPointRule {
         let LogicalPlan::Aggregate(agg) = &plan else {
             return Ok(Transformed::no(plan));
         };
-        let LogicalPlan::TableScan(scan) = agg.input.as_ref() else {
-            return Ok(Transformed::no(plan));
+        // The scan, under the aggregate or under a filter on tags (`WHERE line = 'L1'`).
+        let (filter, scan) = match agg.input.as_ref() {
+            LogicalPlan::TableScan(scan) => (None, scan),
+            LogicalPlan::Filter(f) => match f.input.as_ref() {
+                LogicalPlan::TableScan(scan) => (Some(f), scan),
+                _ => return Ok(Transformed::no(plan)),
+            },
+            _ => return Ok(Transformed::no(plan)),
         };
         let Ok(provider) = source_as_provider(&scan.source) else {
             return Ok(Transformed::no(plan));
@@ -376,16 +405,28 @@ impl OptimizerRule for LastPointRule {
         };
         // The fast path reads files' last rows directly; one hidden by a deletion vector
         // (erasure, until compaction) would come back, so such tables take the plain plan.
-        if !is_lastpoint(agg, scan, &table) || table.has_deletion_vectors() {
+        let tags: BTreeSet<&str> = table.snapshot().schema.tags().collect();
+        let filter_ok = filter.is_none_or(|f| on_tags_only(&f.predicate, &tags));
+        if !filter_ok || !is_lastpoint(agg, scan, &table) || table.has_deletion_vectors() {
             return Ok(Transformed::no(plan));
         }
         let table = Arc::new(table);
-        let new_scan = TableScan {
+        // The filter above the new scan applies the predicate exactly, to one row per
+        // series; the pushed-down copy only pruned files of the plain scan.
+        let new_scan = LogicalPlan::TableScan(TableScan {
             source: provider_as_source(Arc::new(LastPointTable { table, secured })),
+            filters: Vec::new(),
             ..scan.clone()
+        });
+        let input = match filter {
+            Some(f) => LogicalPlan::Filter(datafusion::logical_expr::Filter::try_new(
+                f.predicate.clone(),
+                Arc::new(new_scan),
+            )?),
+            None => new_scan,
         };
         let new_agg = Aggregate::try_new_with_schema(
-            Arc::new(LogicalPlan::TableScan(new_scan)),
+            Arc::new(input),
             agg.group_expr.clone(),
             agg.aggr_expr.clone(),
             agg.schema.clone(),
