@@ -297,6 +297,7 @@ impl AccessPolicy for CallerPolicy {
                         predicate: predicate.clone(),
                         attributes: self.attributes.clone(),
                     }),
+                    ..TableAccess::default()
                 })
             }
         }

@@ -72,11 +72,13 @@ pub async fn export(
     let keyring = ingester.keyring.as_ref().ok_or(SubjectError::NoProfiles)?;
     let entries = keyring.subject_entries(&keyring.subject_hash(subject));
     let mut pseudonyms: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut keys: BTreeMap<String, std::collections::HashSet<u64>> = BTreeMap::new();
     for e in &entries {
         pseudonyms
             .entry(e.scope.clone())
             .or_default()
             .push(e.pseudonym.clone());
+        keys.entry(e.scope.clone()).or_default().insert(e.key_id);
     }
     let mut rows = Vec::new();
     for (scope, names) in pseudonyms {
@@ -112,6 +114,8 @@ pub async fn export(
             default: PersonalAccess::Clear,
             columns: Default::default(),
             rows: Some(RowPolicy::Expr(barrier)),
+            // Files whose key bitmaps do not name the subject's keys are not read.
+            subject_keys: keys.remove(&scope).map(Arc::new),
         };
         let options = QueryOptions {
             policy: Some(Arc::new(TablePolicies(

@@ -579,6 +579,46 @@ async fn erasure_hides_rows_by_deletion_vectors_until_compaction_rewrites_the_fi
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn export_reads_only_the_files_whose_key_bitmaps_name_the_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = profile_config("");
+    common::init_keyring(&data, &config);
+    let mut server = Server::start(&data, &config);
+    let day = (now_ns() / DAY - 2) * DAY;
+    // Anna works on the first day, Bert on the second: one file each.
+    let body = format!(
+        "mes_event,line=L1,event=login operator_id=\"E-ANNA\",operator_name=\"Anna\" {}\n\
+         mes_event,line=L1,event=login operator_id=\"E-BERT\",operator_name=\"Bert\" {}\n",
+        day + 3600 * SEC,
+        day + DAY + 3600 * SEC
+    );
+    write_all(&server, &[body.into_bytes()]).await;
+    server.restart_graceful();
+    let lake = server.lake();
+    let m = common::manifest(&lake, "plant", "mes_event");
+    let files = m["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "{m}");
+    assert_eq!(export(&server, "E-ANNA").await.len(), 1);
+    // Break Bert's day: a query that read it would fail. Anna's export does not read it.
+    let second = files
+        .iter()
+        .find(|f| f["min_time"].as_i64().unwrap() >= day + DAY)
+        .unwrap();
+    std::fs::write(lake.join(second["path"].as_str().unwrap()), b"not parquet").unwrap();
+    let anna = export(&server, "E-ANNA").await;
+    assert_eq!(anna.len(), 1);
+    assert_eq!(anna[0]["operator_name"], json!("Anna"));
+    let (status, _) = post(
+        &server.dpo(),
+        &server.url("/api/v3/subjects/export"),
+        json!({"subject": "E-BERT"}).to_string(),
+    )
+    .await;
+    assert_ne!(status, 200, "Bert's export reads the broken file");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn personal_ttl_hides_cells_at_once_and_destroys_expired_keys() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

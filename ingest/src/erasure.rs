@@ -38,23 +38,6 @@ pub fn encode_key_ids(ids: &RoaringTreemap) -> Option<String> {
     Some(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-/// A bitmap from the manifest; None if it does not decode.
-pub fn decode_key_ids(text: &str) -> Option<RoaringTreemap> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .ok()?;
-    RoaringTreemap::deserialize_from(&bytes[..]).ok()
-}
-
-/// Whether a file of a table with personal data, whose bitmap is `stored`, may hold cells
-/// under any of `erased`. Without a readable bitmap it may.
-pub fn may_hold(stored: Option<&str>, erased: &HashSet<u64>) -> bool {
-    match stored.and_then(decode_key_ids) {
-        Some(ids) => erased.iter().any(|id| ids.contains(*id)),
-        None => true,
-    }
-}
-
 /// Per row of the batch, whether it has a cell under an erased key; None if no row has.
 fn erased_mask(batch: &RecordBatch, erased: &HashSet<u64>) -> Option<Vec<bool>> {
     if erased.is_empty() {
@@ -158,11 +141,23 @@ mod tests {
         let ids = key_ids(&batch);
         assert_eq!(ids.iter().collect::<Vec<_>>(), vec![5, 9]);
         let text = encode_key_ids(&ids).unwrap();
-        assert!(may_hold(Some(&text), &HashSet::from([9])));
-        assert!(!may_hold(Some(&text), &HashSet::from([7])));
-        assert!(may_hold(None, &HashSet::from([7])), "unknown: must be read");
+        assert!(store::manifest::may_hold_keys(
+            Some(&text),
+            &HashSet::from([9])
+        ));
+        assert!(!store::manifest::may_hold_keys(
+            Some(&text),
+            &HashSet::from([7])
+        ));
+        assert!(
+            store::manifest::may_hold_keys(None, &HashSet::from([7])),
+            "unknown: must be read"
+        );
         let empty = encode_key_ids(&RoaringTreemap::new()).unwrap();
-        assert!(!may_hold(Some(&empty), &HashSet::from([7])));
+        assert!(!store::manifest::may_hold_keys(
+            Some(&empty),
+            &HashSet::from([7])
+        ));
         let kept = drop_erased(&batch, &HashSet::from([9])).unwrap();
         assert_eq!(kept.num_rows(), 2);
         assert_eq!(drop_erased(&batch, &HashSet::new()).unwrap().num_rows(), 3);

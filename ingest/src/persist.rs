@@ -274,7 +274,7 @@ impl Persister {
             let mut vectors: HashMap<String, Option<DeletionVector>> = HashMap::new();
             let mut stale = Vec::new();
             for f in &manifest.files {
-                if !crate::erasure::may_hold(f.key_ids.as_deref(), &erased) {
+                if !f.may_hold_keys(&erased) {
                     continue;
                 }
                 let mut rows = match &f.deletes {

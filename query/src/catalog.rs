@@ -101,7 +101,13 @@ impl SchemaProvider for DatabaseSchema {
         let Some(access) = self.policy.table(&self.db, name) else {
             return Ok(None);
         };
-        Ok(self.source.snapshot(&self.db, name).map(|snapshot| {
+        Ok(self.source.snapshot(&self.db, name).map(|mut snapshot| {
+            if let (Some(keys), Some(m)) = (&access.subject_keys, &snapshot.manifest) {
+                // Only the files the key bitmaps say may hold the subject.
+                let mut only = (**m).clone();
+                only.files.retain(|f| f.may_hold_keys(keys));
+                snapshot.manifest = Some(Arc::new(only));
+            }
             let secured = snapshot.options.has_profile() || access.restricts();
             let table = LakeTable::new(snapshot, self.lake_url.clone(), self.now_ns);
             if secured {

@@ -789,6 +789,7 @@ mod tests {
                 default: access,
                 columns: HashMap::new(),
                 rows: filter.map(RowPolicy::Expr),
+                ..TableAccess::default()
             },
             NOW,
         );

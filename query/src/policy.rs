@@ -2,7 +2,7 @@
 //! each it may see and how it sees each personal column. The access-control layer (roles,
 //! tokens) decides; this module only describes and enforces.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +55,9 @@ pub struct TableAccess {
     pub columns: HashMap<String, ColumnMode>,
     /// Rows the session may see; None = all.
     pub rows: Option<RowPolicy>,
+    /// When only rows with cells under these data keys can match (a subject's export):
+    /// files whose key bitmap names none of them are not read. None = every file.
+    pub subject_keys: Option<Arc<HashSet<u64>>>,
 }
 
 impl TableAccess {

@@ -88,7 +88,25 @@ pub struct FileMeta {
     pub deletes: Option<crate::DeletionVector>,
 }
 
+/// Whether a file whose manifest key bitmap is `stored` (base64 Roaring) may hold cells
+/// under any of `keys`. Without a readable bitmap it may.
+pub fn may_hold_keys(stored: Option<&str>, keys: &std::collections::HashSet<u64>) -> bool {
+    use base64::Engine;
+    let ids = stored
+        .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
+        .and_then(|bytes| roaring::RoaringTreemap::deserialize_from(&bytes[..]).ok());
+    match ids {
+        Some(ids) => keys.iter().any(|id| ids.contains(*id)),
+        None => true,
+    }
+}
+
 impl FileMeta {
+    /// Whether the file may hold cells under any of `keys` (by its key bitmap).
+    pub fn may_hold_keys(&self, keys: &std::collections::HashSet<u64>) -> bool {
+        may_hold_keys(self.key_ids.as_deref(), keys)
+    }
+
     /// The objects that make up the file: its Parquet file and its deletion vector.
     pub fn objects(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.path.as_str()).chain(self.deletes.as_ref().map(|d| d.path.as_str()))
