@@ -258,6 +258,9 @@ pub struct QuerySection {
     pub spill_dir: Option<PathBuf>,
     /// Evaluate filters while decoding Parquet (late materialisation).
     pub parquet_pushdown_filters: bool,
+    /// How far before a query's range `time_weighted_avg` looks for each series' held value.
+    #[serde(with = "humantime_serde")]
+    pub time_weighted_lookback: Duration,
 }
 
 impl Default for QuerySection {
@@ -270,6 +273,7 @@ impl Default for QuerySection {
             queue_timeout: q.queue_timeout,
             spill_dir: None,
             parquet_pushdown_filters: q.parquet_pushdown_filters,
+            time_weighted_lookback: q.time_weighted_lookback,
         }
     }
 }
@@ -464,6 +468,7 @@ impl Config {
                     .unwrap_or_else(|| data_dir.join("spill")),
             ),
             parquet_pushdown_filters: self.query.parquet_pushdown_filters,
+            time_weighted_lookback: self.query.time_weighted_lookback,
             ..query::QueryConfig::default()
         })
     }

@@ -302,7 +302,11 @@ async fn tsbs_queries_answer_as_duckdb_does_over_the_same_files() {
 
 /// Two series of a signal, minute buckets from T0: a = 10 @0s, 20 @30s, 40 @150s; b = 1 @60s.
 async fn signal_server(dir: &std::path::Path) -> Server {
-    let server = Server::start(dir, "");
+    signal_server_with(dir, "").await
+}
+
+async fn signal_server_with(dir: &std::path::Path, config: &str) -> Server {
+    let server = Server::start(dir, config);
     let c = server.client();
     let body = format!(
         "signal,s=a v=10 {}\nsignal,s=a v=20 {}\nsignal,s=a v=40 {}\nsignal,s=b v=1 {}\n",
@@ -417,6 +421,20 @@ async fn time_weighted_average_holds_each_value_until_the_next() {
     );
     let got = twa(&server, "date_bin", &format!("s = 'a' AND {later}")).await;
     assert_eq!(got, vec![json!({"s": "a", "minute": m(2), "twa": 30.0})]);
+    // With a lookback shorter than the 30 s since a's last sample before the range, a is
+    // silent for longer than the window: it starts at its first sample in the range.
+    let short = tempfile::tempdir().unwrap();
+    let short =
+        signal_server_with(short.path(), "[query]\ntime_weighted_lookback = \"20s\"\n").await;
+    let got = twa(&short, "date_bin_gapfill", &format!("s = 'a' AND {later}")).await;
+    assert_eq!(
+        got,
+        vec![
+            json!({"s": "a", "minute": m(1)}),
+            json!({"s": "a", "minute": m(2), "twa": 40.0}),
+            json!({"s": "a", "minute": m(3), "twa": 40.0}),
+        ]
+    );
     // Whole series: from its first sample to its last (10 for 30 s, 20 for 120 s).
     let got = rows(
         &server,

@@ -66,6 +66,9 @@ pub struct QueryConfig {
     /// Evaluate filters while decoding Parquet (late materialisation): fewer values
     /// decoded for selective filters, more work for filters that keep most rows.
     pub parquet_pushdown_filters: bool,
+    /// How far before a query's range `time_weighted_avg` looks for the value each series
+    /// held when the range began; a series silent for longer starts at its first sample.
+    pub time_weighted_lookback: Duration,
 }
 
 impl Default for QueryConfig {
@@ -80,6 +83,7 @@ impl Default for QueryConfig {
                 .unwrap_or(2),
             spill_dir: None,
             parquet_pushdown_filters: true,
+            time_weighted_lookback: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -406,7 +410,9 @@ impl QueryEngine {
             .with_table_factories(HashMap::new())
             .with_file_formats(Vec::new())
             .with_catalog_list(Arc::new(catalogs));
-        let state = crate::functions::install(builder).build();
+        let lookback_ns =
+            i64::try_from(self.config.time_weighted_lookback.as_nanos()).unwrap_or(i64::MAX);
+        let state = crate::functions::install(builder, lookback_ns).build();
         let ctx = SessionContext::new_with_state(state);
         crate::functions::register(&ctx);
         crate::functions::postgres::register(&ctx, db);

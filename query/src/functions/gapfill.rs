@@ -155,14 +155,15 @@ pub struct GapFill {
     /// Whether to add missing buckets (date_bin_gapfill) or only finish the summaries.
     fill_gaps: bool,
     /// For time-weighted averages: each series' last value (one column per average, after
-    /// the series columns) in the [`LOOKBACK`] before the range, held into its first bucket.
+    /// the series columns) in the lookback window before the range (see [`GapFillRule`]),
+    /// held into its first bucket.
     lookback: Option<LogicalPlan>,
     schema: DFSchemaRef,
 }
 
 /// How far before a query's range the time-weighted average looks for the value a series
-/// held when the range began.
-pub const LOOKBACK_NS: i64 = 24 * 3_600_000_000_000;
+/// held when the range began, unless configured (`[query] time_weighted_lookback`).
+pub const DEFAULT_LOOKBACK_NS: i64 = 24 * 3_600_000_000_000;
 
 impl PartialEq for GapFill {
     fn eq(&self, other: &Self) -> bool {
@@ -384,12 +385,25 @@ fn function_name(expr: &Expr) -> Option<&str> {
 }
 
 /// The analyzer rule that builds [`GapFill`] nodes.
-#[derive(Debug, Default)]
-pub struct GapFillRule;
+#[derive(Debug)]
+pub struct GapFillRule {
+    /// How far before a query's range a time-weighted average looks for the value each
+    /// series held when the range began (ns).
+    pub lookback_ns: i64,
+}
+
+impl Default for GapFillRule {
+    fn default() -> Self {
+        GapFillRule {
+            lookback_ns: DEFAULT_LOOKBACK_NS,
+        }
+    }
+}
 
 impl AnalyzerRule for GapFillRule {
     fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
-        plan.transform_up_with_subqueries(rewrite).data()
+        plan.transform_up_with_subqueries(|p| rewrite(p, self.lookback_ns))
+            .data()
     }
 
     fn name(&self) -> &str {
@@ -397,9 +411,9 @@ impl AnalyzerRule for GapFillRule {
     }
 }
 
-fn rewrite(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
+fn rewrite(plan: LogicalPlan, lookback_ns: i64) -> Result<Transformed<LogicalPlan>> {
     match plan {
-        LogicalPlan::Aggregate(agg) => rewrite_aggregate(agg),
+        LogicalPlan::Aggregate(agg) => rewrite_aggregate(agg, lookback_ns),
         LogicalPlan::Projection(p) => {
             let gap = match p.input.as_ref() {
                 LogicalPlan::Extension(e) => e.node.as_any().downcast_ref::<GapFill>().cloned(),
@@ -429,7 +443,7 @@ fn find_call(expr: &Expr, name: &str) -> Option<ScalarFunction> {
     found
 }
 
-fn rewrite_aggregate(agg: Aggregate) -> Result<Transformed<LogicalPlan>> {
+fn rewrite_aggregate(agg: Aggregate, lookback_ns: i64) -> Result<Transformed<LogicalPlan>> {
     let position = |name: &str| {
         agg.group_expr
             .iter()
@@ -525,7 +539,9 @@ fn rewrite_aggregate(agg: Aggregate) -> Result<Transformed<LogicalPlan>> {
         })
         .collect::<Vec<_>>();
     let lookback = match range.0 {
-        Some(start) if !twa_at.is_empty() => Some(lookback_plan(&agg, time_at, start)?),
+        Some(start) if !twa_at.is_empty() => {
+            Some(lookback_plan(&agg, time_at, start, lookback_ns)?)
+        }
         _ => None,
     };
     let input = LogicalPlan::Aggregate(new_agg);
@@ -548,12 +564,17 @@ fn rewrite_aggregate(agg: Aggregate) -> Result<Transformed<LogicalPlan>> {
 }
 
 /// `last(value, time)` of each time-weighted average's value, per series, over the
-/// aggregate's input restricted to `[start - LOOKBACK_NS, start)`.
-fn lookback_plan(agg: &Aggregate, time_at: usize, start: i64) -> Result<LogicalPlan> {
+/// aggregate's input restricted to `[start - lookback_ns, start)`.
+fn lookback_plan(
+    agg: &Aggregate,
+    time_at: usize,
+    start: i64,
+    lookback_ns: i64,
+) -> Result<LogicalPlan> {
     let ts = |v: i64| Expr::Literal(ScalarValue::TimestampNanosecond(Some(v), None), None);
     let time = || Expr::Column(Column::from_name(store::TIME_COLUMN));
     let window = time()
-        .gt_eq(ts(start.saturating_sub(LOOKBACK_NS)))
+        .gt_eq(ts(start.saturating_sub(lookback_ns)))
         .and(time().lt(ts(start)));
     // The same input, with the WHERE clause's time bounds replaced by the window.
     let mut replaced = false;

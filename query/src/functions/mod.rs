@@ -14,10 +14,11 @@ use datafusion::optimizer::Analyzer;
 use datafusion::prelude::SessionContext;
 
 /// Adds the gap-fill rewrite (after DataFusion's own analyzer rules, so it sees coerced
-/// types), the planner of its plan node, and the lastpoint fast path.
-pub fn install(builder: SessionStateBuilder) -> SessionStateBuilder {
+/// types), the planner of its plan node, and the lastpoint fast path. Time-weighted
+/// averages look back `lookback_ns` before a query's range for each series' held value.
+pub fn install(builder: SessionStateBuilder, lookback_ns: i64) -> SessionStateBuilder {
     let mut rules = Analyzer::new().rules;
-    rules.push(Arc::new(gapfill::GapFillRule));
+    rules.push(Arc::new(gapfill::GapFillRule { lookback_ns }));
     builder
         .with_analyzer_rules(rules)
         .with_optimizer_rule(Arc::new(crate::lastpoint::LastPointRule))

@@ -5,7 +5,8 @@
 //! grouped by `date_bin` or `date_bin_gapfill`, the gap-fill step finishes it per series:
 //! the last value before a bucket holds from the bucket's start to its first sample, and
 //! the bucket's last value holds to the bucket's end. For the range's first bucket that
-//! value comes from a lookback scan of the 24 h before the range. For that the aggregate yields the
+//! value comes from a lookback scan of the window before the range (24 h unless
+//! `[query] time_weighted_lookback` says otherwise). For that the aggregate yields the
 //! bucket's [`TwaSummary`] instead, which the gap-fill step turns into the average.
 
 use std::sync::Arc;
