@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use object_store::ObjectStore;
-use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use store::Manifest;
@@ -74,10 +73,6 @@ pub async fn count_stored_series(
 }
 
 /// Notes the series of one file's rows; returns the rows read.
-// `ParquetObjectReader` is deprecated in parquet 59.3 in favour of a hand-written
-// `AsyncFileReader`; it reads ranges of an object store correctly, which is all this needs
-// (the query path's lastpoint reader uses it the same way).
-#[allow(deprecated)]
 async fn file_series(
     store: &Arc<dyn ObjectStore>,
     path: &str,
@@ -85,8 +80,7 @@ async fn file_series(
     catalog: &Catalog,
     table: &crate::catalog::TableCatalog,
 ) -> Result<u64, parquet::errors::ParquetError> {
-    use parquet::arrow::async_reader::ParquetObjectReader;
-    let reader = ParquetObjectReader::new(store.clone(), Path::from(path)).with_file_size(bytes);
+    let reader = store::reader::LakeFileReader::new(store.clone(), path, bytes);
     let builder = ParquetRecordBatchStreamBuilder::new(reader).await?;
     let tags: Vec<usize> = builder
         .schema()

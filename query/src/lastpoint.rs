@@ -26,12 +26,11 @@ use datafusion::logical_expr::{
 use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
 use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
-use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, RowSelection};
-#[allow(deprecated)]
-use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use store::dedup::{align, concat_aligned, is_key, is_tag, sort_dedup};
+use store::reader::LakeFileReader;
 use store::{FileMeta, SEQ_COLUMN, TIME_COLUMN};
 
 use crate::personal::PersonalTable;
@@ -133,19 +132,12 @@ fn external(e: impl std::error::Error + Send + Sync + 'static) -> DataFusionErro
 }
 
 /// Each series' last rows of one sorted file, with the columns of `target` it has.
-// `ParquetObjectReader` is deprecated in parquet 59.3 in favour of a hand-written
-// `AsyncFileReader`; it still reads ranges of an object store correctly, which is all this
-// needs. Replace it together with the flush and compaction readers.
-#[allow(deprecated)]
 async fn file_candidates(
     store: Arc<dyn object_store::ObjectStore>,
     file: &FileMeta,
     target: &SchemaRef,
 ) -> Result<RecordBatch> {
-    let open = || {
-        ParquetObjectReader::new(store.clone(), Path::from(file.path.as_str()))
-            .with_file_size(file.bytes)
-    };
+    let open = || LakeFileReader::new(store.clone(), &file.path, file.bytes);
     // The footer is read once, for both passes.
     let mut reader = open();
     let metadata = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new())

@@ -9,6 +9,7 @@ pub mod lake;
 pub mod layout;
 pub mod manifest;
 pub mod partition;
+pub mod reader;
 pub mod schema;
 pub mod snapshot;
 pub mod table;
