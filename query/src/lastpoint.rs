@@ -20,6 +20,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{DFSchema, DataFusionError, Result};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableType, provider_as_source, source_as_provider};
+use datafusion::logical_expr::utils::conjunction;
 use datafusion::logical_expr::{
     Aggregate, Expr, LogicalPlan, TableProviderFilterPushDown, TableScan,
 };
@@ -403,18 +404,29 @@ impl OptimizerRule for LastPointRule {
             return Ok(Transformed::no(plan));
         }
         let table = Arc::new(table);
-        // The filter above the new scan applies the predicate exactly, to one row per
-        // series; the pushed-down copy only pruned files of the plain scan.
+        // The filter above the new scan applies the predicates exactly, to one row per
+        // series: the query's filter and the scan's pushed-down ones (a secured view takes
+        // plain comparisons as exact, and then no filter node is left above the scan).
         let new_scan = LogicalPlan::TableScan(TableScan {
             source: provider_as_source(Arc::new(LastPointTable { table, secured })),
             filters: Vec::new(),
             ..scan.clone()
         });
-        let input = match filter {
-            Some(f) => LogicalPlan::Filter(datafusion::logical_expr::Filter::try_new(
-                f.predicate.clone(),
-                Arc::new(new_scan),
-            )?),
+        let predicate = conjunction(
+            filter
+                .map(|f| f.predicate.clone())
+                .into_iter()
+                .chain(scan.filters.iter().cloned()),
+        );
+        let input = match predicate {
+            Some(p) => {
+                // A pushed-down filter's column may have left the scan's projection; then
+                // the plain plan answers.
+                match datafusion::logical_expr::Filter::try_new(p, Arc::new(new_scan)) {
+                    Ok(f) => LogicalPlan::Filter(f),
+                    Err(_) => return Ok(Transformed::no(plan)),
+                }
+            }
             None => new_scan,
         };
         let new_agg = Aggregate::try_new_with_schema(

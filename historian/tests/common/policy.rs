@@ -183,6 +183,15 @@ pub fn adversarial() -> Vec<(&'static str, Value)> {
             "SELECT max(machine) FROM (SELECT DISTINCT ON (machine) machine FROM machine ORDER BY machine, time DESC)",
             json!("m2"),
         ),
+        // ... and under a filter on a tag, which the secured view takes as exact.
+        (
+            "SELECT count(*) FROM (SELECT DISTINCT ON (machine) * FROM machine WHERE machine = 'm2' ORDER BY machine, time DESC)",
+            json!(1),
+        ),
+        (
+            "SELECT count(*) FROM (SELECT DISTINCT ON (machine) machine FROM machine WHERE machine IN ('m2', 'm3') ORDER BY machine, time DESC)",
+            json!(1),
+        ),
         ("SELECT count(DISTINCT machine) FROM machine", json!(2)),
         // Case and quoting variants resolve to the same secured table.
         ("SELECT count(*) FROM MACHINE", json!(2)),
