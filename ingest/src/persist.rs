@@ -126,6 +126,9 @@ pub struct Persister {
     metrics: Arc<IngestMetrics>,
     config: PersistConfig,
     flush_lock: tokio::sync::Mutex<()>,
+    /// Held while files are rewritten (compaction) or given deletion vectors (erasure), so
+    /// neither works from a manifest the other has changed since it read it.
+    rewrite_lock: tokio::sync::Mutex<()>,
     /// Data keys destroyed by erasure: rows with cells under them are never written again.
     erased: Mutex<Arc<HashSet<u64>>>,
 }
@@ -232,6 +235,7 @@ impl Persister {
             metrics,
             config,
             flush_lock: tokio::sync::Mutex::new(()),
+            rewrite_lock: tokio::sync::Mutex::new(()),
             erased: Mutex::new(Arc::new(HashSet::new())),
         }
     }
@@ -257,6 +261,7 @@ impl Persister {
     /// a file whose vector already covers its erased rows is left alone. Returns how many
     /// files got a new or larger deletion vector.
     pub async fn hide_erased(&self) -> Result<usize, PersistError> {
+        let _rewriting = self.rewrite_lock.lock().await;
         let erased = self.erased();
         if erased.is_empty() {
             return Ok(0);
@@ -895,6 +900,17 @@ impl Persister {
         let Some(key) = t.options.partition.parse_dir(partition) else {
             return Ok(());
         };
+        let _rewriting = self.rewrite_lock.lock().await;
+        // The files as the manifest holds them now: an erasure may have given one a
+        // deletion vector since they were chosen.
+        let current = self.manifest(db, table).await;
+        let chosen: Vec<FileMeta> = chosen
+            .iter()
+            .filter_map(|c| current.files.iter().find(|f| f.path == c.path).cloned())
+            .collect();
+        if chosen.is_empty() {
+            return Ok(());
+        }
         let mut inputs = Vec::with_capacity(chosen.len());
         for f in &chosen {
             let bytes = self.read_bytes(&f.path).await?;

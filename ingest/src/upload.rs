@@ -62,12 +62,12 @@ impl UploadJournal {
     }
 
     fn entry_file(&self, path: &str) -> PathBuf {
-        // Object paths hold slashes; the entry's name only has to be unique per path.
-        let name: String = path
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        self.dir.join(format!("{name}.json"))
+        // The path is inside the entry; its name only has to be short and unique per path:
+        // a 64-bit FNV-1a hash, fixed across builds.
+        let hash = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        self.dir.join(format!("{hash:016x}.json"))
     }
 
     fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
@@ -105,6 +105,11 @@ impl UploadJournal {
 
     /// The uploads recorded and not removed.
     pub fn entries(&self) -> Result<Vec<JournalEntry>, JournalError> {
+        Ok(self.entry_files()?.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// The uploads recorded and not removed, with the file each is recorded in.
+    fn entry_files(&self) -> Result<Vec<(PathBuf, JournalEntry)>, JournalError> {
         let listing = match std::fs::read_dir(&self.dir) {
             Ok(l) => l,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -121,13 +126,13 @@ impl UploadJournal {
             }
             let body = std::fs::read(&file).map_err(Self::io(&file))?;
             match serde_json::from_slice(&body) {
-                Ok(e) => out.push(e),
+                Ok(e) => out.push((file, e)),
                 Err(e) => {
                     tracing::warn!(file = %file.display(), error = %e, "ignoring an unreadable upload journal entry")
                 }
             }
         }
-        out.sort_by(|a: &JournalEntry, b| a.path.cmp(&b.path));
+        out.sort_by(|a: &(PathBuf, JournalEntry), b| a.1.path.cmp(&b.1.path));
         Ok(out)
     }
 
@@ -135,7 +140,7 @@ impl UploadJournal {
     /// interrupted process left in the store are deleted. Returns how many were aborted.
     pub async fn abort_all(&self, store: &dyn MultipartStore) -> Result<usize, JournalError> {
         let mut aborted = 0;
-        for entry in self.entries()? {
+        for (file, entry) in self.entry_files()? {
             let path = Path::from(entry.path.as_str());
             match store.abort_multipart(&path, &entry.upload_id.clone()).await {
                 Ok(()) => {
@@ -149,7 +154,12 @@ impl UploadJournal {
                     continue;
                 }
             }
-            self.remove(&entry.path)?;
+            match std::fs::remove_file(&file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Self::io(&file)(e));
+                }
+                _ => {}
+            }
         }
         Ok(aborted)
     }
@@ -418,6 +428,26 @@ mod tests {
         assert_eq!(aborted, 1);
         assert!(journal.entries().unwrap().is_empty());
         assert!(store.get(&Path::from("big.parquet")).await.is_err());
+    }
+
+    #[test]
+    fn entries_of_long_paths_have_short_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = UploadJournal::new(dir.path().join("uploads"));
+        // Database and table names may each be 255 bytes: far past a file name's limit.
+        let path = format!(
+            "databases/{}/tables/{}/date=2026-01-01/part-1.parquet",
+            "d".repeat(255),
+            "t".repeat(255)
+        );
+        let entry = JournalEntry {
+            path: path.clone(),
+            upload_id: "u1".into(),
+        };
+        journal.record(&entry).unwrap();
+        assert_eq!(journal.entries().unwrap(), vec![entry]);
+        journal.remove(&path).unwrap();
+        assert!(journal.entries().unwrap().is_empty());
     }
 
     #[tokio::test]

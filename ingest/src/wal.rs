@@ -31,6 +31,9 @@ use crate::metrics::IngestMetrics;
 
 const MAGIC: &[u8; 8] = b"HWAL0001";
 const RECORD_HEADER: usize = 8;
+/// How long a group waits for the writers of the previous group when none is mid-request.
+const BURST_WAIT: Duration = Duration::from_millis(5);
+
 /// Group-commit size cap: past this, the group is written and a new one starts.
 const MAX_GROUP_BYTES: usize = 32 << 20;
 
@@ -617,7 +620,11 @@ impl WalThread {
             let mut bytes = group[0].record.payload.len();
             // Wait for writers that are preparing a record right now (up to commit_delay):
             // they would otherwise each need an fsync of their own. A lone writer never waits.
-            let deadline = Instant::now() + self.config.commit_delay;
+            let started = Instant::now();
+            let deadline = started + self.config.commit_delay;
+            // Waiting for the writers of the last group to come back is a guess: it gets
+            // at most BURST_WAIT, so a lone write after a burst is not held long.
+            let burst_deadline = started + self.config.commit_delay.min(BURST_WAIT);
             while bytes < MAX_GROUP_BYTES {
                 let next = match rx.try_recv() {
                     Ok(r) => Some(r),
@@ -626,8 +633,8 @@ impl WalThread {
                         // Keep waiting while writers are mid-request, or until the group is as
                         // large as the last one (the writers of that group are likely on
                         // their way back with their next write).
-                        let expect_more =
-                            self.preparing.load(Ordering::Acquire) > 0 || group.len() < last_group;
+                        let expect_more = self.preparing.load(Ordering::Acquire) > 0
+                            || (group.len() < last_group && now < burst_deadline);
                         if !expect_more || now >= deadline {
                             None
                         } else {
