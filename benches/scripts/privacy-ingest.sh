@@ -9,6 +9,7 @@
 #
 #   cargo build --release -p historian -p historian-benches
 #   bash benches/scripts/privacy-ingest.sh
+#   EXTRA_CONFIG=$'[wal]\ncommit_delay = "5ms"' bash benches/scripts/privacy-ingest.sh   # both runs
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${CARGO_TARGET_DIR:-/var/tmp/historian-target}/release"
@@ -41,10 +42,10 @@ run_once() { # $1 = on|off; prints rows/s
     rm -rf "$data"
     mkdir -p "$data"
     if [ "$1" = on ]; then
-        printf '%s\n' "$PROFILE" > "$WORK/historian.toml"
+        printf '%s\n%s\n' "$PROFILE" "${EXTRA_CONFIG:-}" > "$WORK/historian.toml"
         "$BIN/historian" keys init --config "$WORK/historian.toml" --data-dir "$data" > /dev/null
     else
-        : > "$WORK/historian.toml"
+        printf '%s\n' "${EXTRA_CONFIG:-}" > "$WORK/historian.toml"
     fi
     "$BIN/historian" serve --config "$WORK/historian.toml" --data-dir "$data" \
         --http-bind 127.0.0.1:18282 > "$WORK/server-$1.log" 2>&1 &

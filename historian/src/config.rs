@@ -193,7 +193,7 @@ impl Default for WalSection {
             dir: None,
             segment_bytes: 64 << 20,
             no_sync_interval: Duration::from_millis(100),
-            commit_delay: Duration::from_millis(40),
+            commit_delay: Duration::from_millis(5),
         }
     }
 }
