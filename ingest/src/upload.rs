@@ -96,9 +96,12 @@ impl UploadJournal {
     /// Forgets an upload that was completed or aborted. Not fsynced: an entry that comes
     /// back after a crash is aborted again, which S3 answers harmlessly.
     pub fn remove(&self, path: &str) -> Result<(), JournalError> {
-        let file = self.entry_file(path);
-        match std::fs::remove_file(&file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Self::io(&file)(e)),
+        Self::remove_file(&self.entry_file(path))
+    }
+
+    fn remove_file(file: &std::path::Path) -> Result<(), JournalError> {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Self::io(file)(e)),
             _ => Ok(()),
         }
     }
@@ -142,7 +145,7 @@ impl UploadJournal {
         let mut aborted = 0;
         for (file, entry) in self.entry_files()? {
             let path = Path::from(entry.path.as_str());
-            match store.abort_multipart(&path, &entry.upload_id.clone()).await {
+            match store.abort_multipart(&path, &entry.upload_id).await {
                 Ok(()) => {
                     tracing::info!(path = %entry.path, "aborted a multipart upload an interrupted process left");
                     aborted += 1;
@@ -154,12 +157,7 @@ impl UploadJournal {
                     continue;
                 }
             }
-            match std::fs::remove_file(&file) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Self::io(&file)(e));
-                }
-                _ => {}
-            }
+            Self::remove_file(&file)?;
         }
         Ok(aborted)
     }
