@@ -302,7 +302,14 @@ impl TableProvider for LastPointTable {
 #[derive(Debug, Default)]
 pub struct LastPointRule;
 
-fn is_lastpoint(agg: &Aggregate, scan: &TableScan, table: &LakeTable) -> bool {
+/// Whether `agg` over `scan` (through `filter`, if any) asks for each series' latest row,
+/// with only per-series filters between them.
+fn is_lastpoint(
+    agg: &Aggregate,
+    filter: Option<&datafusion::logical_expr::Filter>,
+    scan: &TableScan,
+    table: &LakeTable,
+) -> bool {
     let tags: BTreeSet<&str> = table.snapshot().schema.tags().collect();
     let group_ok = !agg.group_expr.is_empty()
         && agg
@@ -328,6 +335,7 @@ fn is_lastpoint(agg: &Aggregate, scan: &TableScan, table: &LakeTable) -> bool {
     });
     group_ok
         && aggr_ok
+        && filter.is_none_or(|f| on_tags_only(&f.predicate, &tags))
         && scan.filters.iter().all(|f| on_tags_only(f, &tags))
         && scan.fetch.is_none()
 }
@@ -398,9 +406,7 @@ impl OptimizerRule for LastPointRule {
         };
         // The fast path reads files' last rows directly; one hidden by a deletion vector
         // (erasure, until compaction) would come back, so such tables take the plain plan.
-        let tags: BTreeSet<&str> = table.snapshot().schema.tags().collect();
-        let filter_ok = filter.is_none_or(|f| on_tags_only(&f.predicate, &tags));
-        if !filter_ok || !is_lastpoint(agg, scan, &table) || table.has_deletion_vectors() {
+        if !is_lastpoint(agg, filter, scan, &table) || table.has_deletion_vectors() {
             return Ok(Transformed::no(plan));
         }
         let table = Arc::new(table);
