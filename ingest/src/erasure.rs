@@ -9,6 +9,9 @@ use arrow::compute::filter_record_batch;
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use base64::Engine;
+use futures::StreamExt;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
 use roaring::RoaringTreemap;
 
 fn cell_columns(batch: &RecordBatch) -> impl Iterator<Item = &BinaryArray> {
@@ -71,14 +74,12 @@ pub fn drop_erased(batch: &RecordBatch, erased: &HashSet<u64>) -> Result<RecordB
 }
 
 /// The positions (in file order) of a Parquet file's rows that have a cell under an erased
-/// key: its deletion vector. Only the cell columns are decoded.
-pub fn erased_rows(
-    file: bytes::Bytes,
+/// key: its deletion vector. Only the cell columns are read and decoded.
+pub async fn erased_rows(
+    file: impl AsyncFileReader + Unpin + 'static,
     erased: &HashSet<u64>,
 ) -> Result<RoaringTreemap, parquet::errors::ParquetError> {
-    use parquet::arrow::ProjectionMask;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let builder = ParquetRecordBatchStreamBuilder::new(file).await?;
     let cells: Vec<usize> = builder
         .schema()
         .fields()
@@ -92,8 +93,9 @@ pub fn erased_rows(
         return Ok(rows);
     }
     let mask = ProjectionMask::roots(builder.parquet_schema(), cells);
+    let mut batches = builder.with_projection(mask).build()?;
     let mut offset = 0u64;
-    for batch in builder.with_projection(mask).build()? {
+    while let Some(batch) = batches.next().await {
         let batch = batch?;
         if let Some(hit) = erased_mask(&batch, erased) {
             rows.extend(
@@ -124,8 +126,8 @@ mod tests {
         c
     }
 
-    #[test]
-    fn erased_rows_go_and_bitmaps_round_trip() {
+    #[tokio::test]
+    async fn erased_rows_go_and_bitmaps_round_trip() {
         let cells = BinaryArray::from(vec![Some(&cell(5)[..]), None, Some(&cell(9)[..])]);
         let batch = RecordBatch::try_new(
             Arc::new(Schema::new(vec![
@@ -167,7 +169,13 @@ mod tests {
         w.write(&batch).unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
-        let rows = erased_rows(bytes::Bytes::from(file), &HashSet::from([9])).unwrap();
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let size = file.len() as u64;
+        object_store::ObjectStoreExt::put(store.as_ref(), &"f.parquet".into(), file.into())
+            .await
+            .unwrap();
+        let reader = store::reader::LakeFileReader::new(store, "f.parquet", size);
+        let rows = erased_rows(reader, &HashSet::from([9])).await.unwrap();
         assert_eq!(
             rows.iter().collect::<Vec<_>>(),
             vec![2, 5],

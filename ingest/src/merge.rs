@@ -23,13 +23,13 @@ use store::dedup::{align, is_key, series_key_converter};
 /// Rows per output batch and per input read.
 const BATCH_ROWS: usize = 8192;
 
-/// One file to merge: its bytes, and the row ranges it keeps (None: all; a deletion vector
+/// One file to merge: its bytes, and the rows it keeps (None: all; a deletion vector
 /// hides the others).
 pub struct MergeInput {
     /// The whole Parquet file.
     pub bytes: Bytes,
-    /// Rows to read, in file order.
-    pub kept: Option<Vec<std::ops::Range<usize>>>,
+    /// Rows to read, over the whole file.
+    pub kept: Option<RowSelection>,
 }
 
 impl From<Bytes> for MergeInput {
@@ -106,11 +106,7 @@ impl SortedMerge {
                     .map_err(external)?
                     .with_batch_size(BATCH_ROWS);
                 if let Some(kept) = kept {
-                    let total = builder.metadata().file_metadata().num_rows() as usize;
-                    builder = builder.with_row_selection(RowSelection::from_consecutive_ranges(
-                        kept.into_iter(),
-                        total,
-                    ));
+                    builder = builder.with_row_selection(kept);
                 }
                 builder.build().map_err(external)
             })

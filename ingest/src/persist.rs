@@ -56,6 +56,12 @@ pub enum PersistError {
     /// Arrow compute failed.
     #[error("arrow error: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A deletion vector could not be read.
+    #[error(transparent)]
+    Deletes(#[from] store::deletes::DeletesError),
+    /// The journal of multipart uploads could not be read or written.
+    #[error(transparent)]
+    Journal(#[from] crate::upload::JournalError),
     /// A blocking task failed.
     #[error("background task failed: {0}")]
     Task(String),
@@ -283,22 +289,18 @@ impl Persister {
                     continue;
                 }
                 let mut rows = match &f.deletes {
-                    Some(d) => store::deletes::load(self.lake.store.as_ref(), &d.path)
-                        .await
-                        .map_err(|e| PersistError::Task(e.to_string()))?,
+                    Some(d) => store::deletes::load(self.lake.store.as_ref(), &d.path).await?,
                     None => roaring::RoaringTreemap::new(),
                 };
                 let before = rows.len();
-                let bytes = self.read_bytes(&f.path).await?;
-                let found_erased = erased.clone();
-                let path = f.path.clone();
-                let found = tokio::task::spawn_blocking(move || {
-                    crate::erasure::erased_rows(bytes, &found_erased)
-                        .map_err(|source| PersistError::Parquet { path, source })
-                })
-                .await
-                .map_err(|e| PersistError::Task(e.to_string()))??;
-                rows |= found;
+                let file =
+                    store::reader::LakeFileReader::new(self.lake.store.clone(), &f.path, f.bytes);
+                rows |= crate::erasure::erased_rows(file, &erased)
+                    .await
+                    .map_err(|source| PersistError::Parquet {
+                        path: f.path.clone(),
+                        source,
+                    })?;
                 if rows.len() == before {
                     continue;
                 }
@@ -431,10 +433,7 @@ impl Persister {
     pub async fn recover(&self) -> Result<HashMap<(String, String, String), u64>, PersistError> {
         let mut persisted = HashMap::new();
         if let Some((s3, journal)) = self.multipart() {
-            let aborted = journal
-                .abort_all(s3.as_ref())
-                .await
-                .map_err(|e| PersistError::Task(e.to_string()))?;
+            let aborted = journal.abort_all(s3.as_ref()).await?;
             if aborted > 0 {
                 tracing::info!(
                     aborted,
@@ -914,15 +913,7 @@ impl Persister {
         let mut inputs = Vec::with_capacity(chosen.len());
         for f in &chosen {
             let bytes = self.read_bytes(&f.path).await?;
-            let kept = match &f.deletes {
-                Some(d) => {
-                    let rows = store::deletes::load(self.lake.store.as_ref(), &d.path)
-                        .await
-                        .map_err(|e| PersistError::Task(e.to_string()))?;
-                    Some(store::deletes::kept_ranges(&rows, f.rows))
-                }
-                None => None,
-            };
+            let kept = store::deletes::kept_rows(self.lake.store.as_ref(), f).await?;
             inputs.push(MergeInput { bytes, kept });
         }
         let horizon = t.options.horizon(now_ns());

@@ -244,12 +244,12 @@ impl LakeTable {
                 Some(s) => s,
                 None => {
                     let store = state.runtime_env().object_store(&self.lake_url)?;
-                    let rows = store::deletes::load(store.as_ref(), &d.path)
+                    let Some(s) = store::deletes::kept_rows(store.as_ref(), f)
                         .await
-                        .map_err(|e| DataFusionError::External(Box::new(e)))?;
-                    let kept = store::deletes::kept_ranges(&rows, f.rows);
-                    let s =
-                        RowSelection::from_consecutive_ranges(kept.into_iter(), f.rows as usize);
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?
+                    else {
+                        continue;
+                    };
                     if let Ok(mut k) = KEPT.lock() {
                         if k.len() >= REMEMBERED {
                             k.clear();

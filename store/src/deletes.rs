@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::RowSelection;
 use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
 
@@ -83,8 +84,25 @@ pub async fn load(store: &dyn ObjectStore, path: &str) -> Result<RoaringTreemap,
     })
 }
 
+/// The rows of `file` that readers may see, as a selection over the whole file; None when
+/// the file has no deletion vector (every row).
+pub async fn kept_rows(
+    store: &dyn ObjectStore,
+    file: &crate::FileMeta,
+) -> Result<Option<RowSelection>, DeletesError> {
+    let Some(vector) = &file.deletes else {
+        return Ok(None);
+    };
+    let deleted = load(store, &vector.path).await?;
+    let kept = kept_ranges(&deleted, file.rows);
+    Ok(Some(RowSelection::from_consecutive_ranges(
+        kept.into_iter(),
+        file.rows as usize,
+    )))
+}
+
 /// The row ranges of a file of `total` rows that `deleted` leaves, in order.
-pub fn kept_ranges(deleted: &RoaringTreemap, total: u64) -> Vec<Range<usize>> {
+fn kept_ranges(deleted: &RoaringTreemap, total: u64) -> Vec<Range<usize>> {
     let mut kept = Vec::new();
     let mut next = 0u64;
     for row in deleted.iter().take_while(|r| *r < total) {
