@@ -10,6 +10,7 @@
 #   cargo build --release -p historian -p historian-benches
 #   bash benches/scripts/privacy-ingest.sh
 #   EXTRA_CONFIG=$'[wal]\ncommit_delay = "5ms"' bash benches/scripts/privacy-ingest.sh   # both runs
+#   PERF_DIR=/var/tmp/perf RUNS=1 bash benches/scripts/privacy-ingest.sh   # perf record the server
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${CARGO_TARGET_DIR:-/var/tmp/historian-target}/release"
@@ -52,13 +53,20 @@ run_once() { # $1 = on|off; prints rows/s
     SERVER_PID=$!
     for _ in $(seq 1 100); do curl -sf "$URL/health" > /dev/null && break; sleep 0.1; done
     export HISTORIAN_TOKEN="$(cat "$data/admin-token")"
-    local start end
+    local start end perf_pid=""
+    if [ -n "${PERF_DIR:-}" ]; then
+        mkdir -p "$PERF_DIR"
+        perf record ${PERF_ARGS:--F 1999 -g} -p "$SERVER_PID" -o "$PERF_DIR/perf-$1.data" 2> /dev/null &
+        perf_pid=$!
+        sleep 0.5
+    fi
     start=$(date +%s.%N)
     for shard in "$WORK"/shard-*; do
         "$BIN/historian" import --url "$URL" --db bench --quiet "$shard" > /dev/null &
     done
-    wait $(jobs -p | grep -v "^$SERVER_PID$")
+    wait $(jobs -p | grep -v -e "^$SERVER_PID$" -e "^$perf_pid$")
     end=$(date +%s.%N)
+    [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
     local stored
     stored=$(curl -s -H "Authorization: Bearer $HISTORIAN_TOKEN" "$URL/api/v3/query_sql" --data-urlencode "db=bench" \
         --data-urlencode "q=SELECT count(*) AS n FROM mes_event" -G | tr -dc '0-9')

@@ -372,6 +372,7 @@ impl Catalog {
         let granularity = table.options.partition;
         let mut state = table.state.lock();
         let mut builders: Vec<(PartitionKey, BatchBuilder)> = Vec::new();
+        let line_count = lines.len();
         for line in lines {
             let line_number = line.line_number;
             let reject = |reason: String, column: Option<&str>| LineError {
@@ -494,11 +495,17 @@ impl Catalog {
                 state.schema.add_column(name, ty);
             }
             state.series.insert(series);
-            let partition = granularity.partition_of(time);
-            let builder = match builders.iter_mut().position(|(p, _)| *p == partition) {
+            let builder = match builders
+                .iter()
+                .position(|(p, _)| p.start <= time && time < p.end)
+            {
                 Some(i) => &mut builders[i].1,
                 None => {
-                    builders.push((partition, BatchBuilder::default()));
+                    let partition = granularity.partition_of(time);
+                    // Most requests fall in one partition: the first is sized for all
+                    // lines, the others grow as they fill.
+                    let expected = if builders.is_empty() { line_count } else { 0 };
+                    builders.push((partition, BatchBuilder::with_capacity(expected)));
                     &mut builders.last_mut().expect("just pushed").1
                 }
             };
@@ -556,18 +563,28 @@ enum ColumnBuilder {
     Binary(BinaryBuilder),
 }
 
+/// The most a variable-length column reserves up front; past it, it grows as it fills.
+const MAX_RESERVED_BYTES: usize = 8 << 20;
+
 impl ColumnBuilder {
-    fn new(ty: ColumnType) -> Self {
+    /// A builder sized for `rows` values, of about `value_len` bytes each if variable-length,
+    /// so that a request's columns do not grow (and copy) by doubling.
+    fn new(ty: ColumnType, rows: usize, value_len: usize) -> Self {
+        let bytes = rows
+            .saturating_mul(value_len + value_len / 4)
+            .min(MAX_RESERVED_BYTES);
         match ty {
             ColumnType::Tag | ColumnType::Time => {
-                ColumnBuilder::Tag(StringDictionaryBuilder::new())
+                ColumnBuilder::Tag(StringDictionaryBuilder::with_capacity(rows, 64, 1024))
             }
-            ColumnType::Float => ColumnBuilder::Float(Float64Builder::new()),
-            ColumnType::Integer => ColumnBuilder::Integer(Int64Builder::new()),
-            ColumnType::UInteger => ColumnBuilder::UInteger(UInt64Builder::new()),
-            ColumnType::String => ColumnBuilder::String(StringBuilder::new()),
-            ColumnType::Boolean => ColumnBuilder::Boolean(BooleanBuilder::new()),
-            ColumnType::Encrypted => ColumnBuilder::Binary(BinaryBuilder::new()),
+            ColumnType::Float => ColumnBuilder::Float(Float64Builder::with_capacity(rows)),
+            ColumnType::Integer => ColumnBuilder::Integer(Int64Builder::with_capacity(rows)),
+            ColumnType::UInteger => ColumnBuilder::UInteger(UInt64Builder::with_capacity(rows)),
+            ColumnType::String => ColumnBuilder::String(StringBuilder::with_capacity(rows, bytes)),
+            ColumnType::Boolean => ColumnBuilder::Boolean(BooleanBuilder::with_capacity(rows)),
+            ColumnType::Encrypted => {
+                ColumnBuilder::Binary(BinaryBuilder::with_capacity(rows, bytes))
+            }
         }
     }
 
@@ -597,18 +614,29 @@ impl ColumnBuilder {
 }
 
 /// Builds the batch of one table and partition from lines, column by column.
-#[derive(Default)]
 struct BatchBuilder {
     rows: usize,
+    /// Rows expected (the request's lines of the table): columns are sized for them.
+    expected_rows: usize,
     time: TimestampNanosecondBuilder,
     /// (name, builder, rows appended so far), in order of first appearance.
     columns: Vec<(String, ColumnBuilder, usize)>,
 }
 
 impl BatchBuilder {
+    fn with_capacity(rows: usize) -> Self {
+        BatchBuilder {
+            rows: 0,
+            expected_rows: rows,
+            time: TimestampNanosecondBuilder::with_capacity(rows),
+            columns: Vec::new(),
+        }
+    }
+
     /// The column's index; `hint` is where the same key sat in the previous line, since
-    /// collectors send keys in the same order line after line.
-    fn column(&mut self, name: &str, ty: ColumnType, hint: usize) -> usize {
+    /// collectors send keys in the same order line after line. A new column is sized from
+    /// its first value, `value_len` bytes.
+    fn column(&mut self, name: &str, ty: ColumnType, hint: usize, value_len: usize) -> usize {
         if let Some((n, _, _)) = self.columns.get(hint)
             && n == name
         {
@@ -617,7 +645,7 @@ impl BatchBuilder {
         if let Some(i) = self.columns.iter().position(|(n, _, _)| n == name) {
             return i;
         }
-        let mut b = ColumnBuilder::new(ty);
+        let mut b = ColumnBuilder::new(ty, self.expected_rows.max(self.rows + 1), value_len);
         b.append_nulls(self.rows);
         self.columns.push((name.to_string(), b, self.rows));
         self.columns.len() - 1
@@ -626,7 +654,7 @@ impl BatchBuilder {
     fn append(&mut self, line: &ParsedLine<'_>, time: i64) {
         let mut hint = 0;
         for (k, v) in &line.tags {
-            let i = self.column(k, ColumnType::Tag, hint);
+            let i = self.column(k, ColumnType::Tag, hint, 0);
             hint = i + 1;
             let (_, b, n) = &mut self.columns[i];
             if let ColumnBuilder::Tag(b) = b {
@@ -635,7 +663,12 @@ impl BatchBuilder {
             }
         }
         for (k, v) in &line.fields {
-            let i = self.column(k, field_type(v), hint);
+            let value_len = match v {
+                FieldValue::String(x) => x.len(),
+                FieldValue::Encrypted(x) => x.len(),
+                _ => 0,
+            };
+            let i = self.column(k, field_type(v), hint, value_len);
             hint = i + 1;
             let (_, b, n) = &mut self.columns[i];
             let appended = match (b, v) {

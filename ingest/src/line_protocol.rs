@@ -209,7 +209,9 @@ impl<'a> Iterator for LineIter<'a> {
             };
             let result = parser.parse(self.tags_hint, self.fields_hint);
             if let Ok(parsed) = &result {
-                self.tags_hint = parsed.tags.len();
+                // Room for the pseudonym tags a privacy profile adds in place of subject
+                // fields, so that they do not reallocate the line's tags.
+                self.tags_hint = parsed.tags.len() + 2;
                 self.fields_hint = parsed.fields.len();
             }
             return Some(result);

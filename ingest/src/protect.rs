@@ -12,7 +12,7 @@
 //! Nothing here ever puts a value into an error: reasons name columns only.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use ahash::AHashMap;
 use std::sync::Arc;
@@ -26,7 +26,8 @@ use crate::line_protocol::{FieldValue, ParsedLine};
 /// Per-request state of the privacy step: caches per table, and what to report.
 #[derive(Default)]
 pub struct ProtectScratch {
-    scopes: HashMap<String, ScopeCache>,
+    /// Per table (key scope) of the request; a request names few tables, so a list.
+    scopes: Vec<(String, ScopeCache)>,
     aad: Vec<u8>,
     /// The cells of the current line (reused: no allocation per row).
     cells: Vec<u8>,
@@ -44,8 +45,13 @@ struct ScopeCache {
     /// The columns of the previous line with their roles: lines of one table mostly share
     /// their shape, so a comparison usually replaces a lookup.
     last_shape: Vec<(String, Role)>,
-    /// Period start, then subject value, to its entry.
-    entries: AHashMap<i64, AHashMap<String, Arc<Entry>>>,
+    /// The key period of the previous line, `[start, end)`: consecutive lines mostly share
+    /// it, so a comparison usually replaces the calendar arithmetic.
+    period: (i64, i64),
+    /// Period start, then subject value, to the entry's place in `entries`.
+    index: AHashMap<i64, AHashMap<String, usize>>,
+    /// The entries used in this request.
+    entries: Vec<Arc<Entry>>,
 }
 
 impl ScopeCache {
@@ -69,7 +75,9 @@ impl ScopeCache {
             roles,
             subjects,
             last_shape: Vec::new(),
-            entries: AHashMap::new(),
+            period: (0, 0),
+            index: AHashMap::new(),
+            entries: Vec::new(),
         }
     }
 
@@ -81,6 +89,7 @@ impl ScopeCache {
             return *role;
         }
         let role = match self.roles.get(column) {
+            _ if column.ends_with(CIPHER_SUFFIX) => Role::Reserved,
             Some(r) => *r,
             None if opts.columns.is_none() => Role::Keep,
             // With `unknown_columns = "drop"` an unknown column is a dropped one.
@@ -94,6 +103,36 @@ impl ScopeCache {
         }
         role
     }
+
+    /// The key period holding `time`.
+    fn period_of(&mut self, opts: &TableOptions, time: i64) -> (i64, i64) {
+        if !(self.period.0 <= time && time < self.period.1) {
+            self.period = opts.key_period.period_of(time);
+        }
+        self.period
+    }
+
+    /// Where the entry of a subject value for a period lies in `entries`, made on first use.
+    fn entry_of(
+        &mut self,
+        keyring: &Keyring,
+        scope: &str,
+        period: (i64, i64),
+        value: &str,
+    ) -> Result<usize, Refusal> {
+        let in_period = self.index.entry(period.0).or_default();
+        if let Some(i) = in_period.get(value) {
+            return Ok(*i);
+        }
+        let hash = keyring.subject_hash(value);
+        let entry = keyring.entry_for(scope, &hash, period).map_err(|e| {
+            tracing::error!(error = %e, "keyring failed");
+            ("the keyring failed; see the server log".to_string(), None)
+        })?;
+        self.entries.push(entry);
+        in_period.insert(value.to_string(), self.entries.len() - 1);
+        Ok(self.entries.len() - 1)
+    }
 }
 
 /// A personal column of a line: its name, the index of its subject, its value as text.
@@ -103,7 +142,8 @@ type PersonalValue<'a> = (Cow<'a, str>, usize, Cow<'a, str>);
 pub type Refusal = (String, Option<String>);
 
 /// What the profile makes of a column; subjects by their index in the profile. `Unknown`
-/// is a column the profile does not name, under `unknown_columns = "reject"`.
+/// is a column the profile does not name, under `unknown_columns = "reject"`; `Reserved`
+/// a name only ciphertext columns may have.
 #[derive(Clone, Copy)]
 enum Role {
     Keep,
@@ -111,6 +151,7 @@ enum Role {
     Subject(usize),
     Personal(usize),
     Unknown,
+    Reserved,
 }
 
 fn text_of<'a>(value: FieldValue<'a>) -> Cow<'a, str> {
@@ -121,6 +162,48 @@ fn text_of<'a>(value: FieldValue<'a>) -> Cow<'a, str> {
         FieldValue::Boolean(v) => Cow::Borrowed(if v { "true" } else { "false" }),
         FieldValue::String(s) => s,
         FieldValue::Encrypted(_) => Cow::Borrowed(""),
+    }
+}
+
+/// The values a line gives up to the privacy step.
+struct Taken<'a> {
+    subjects: SmallVec<[(usize, Cow<'a, str>); 2]>,
+    personal: SmallVec<[PersonalValue<'a>; 4]>,
+}
+
+impl<'a> Taken<'a> {
+    /// Files a column the line gave up under its role, or refuses the line.
+    fn take(
+        &mut self,
+        role: Role,
+        name: Cow<'a, str>,
+        value: Cow<'a, str>,
+        dropped: &mut BTreeSet<String>,
+    ) -> Result<(), Refusal> {
+        match role {
+            Role::Keep => unreachable!("kept columns stay in the line"),
+            Role::Subject(i) => self.subjects.push((i, value)),
+            Role::Personal(i) => self.personal.push((name, i, value)),
+            Role::Drop => {
+                if !dropped.contains(name.as_ref()) {
+                    dropped.insert(name.into_owned());
+                }
+            }
+            Role::Unknown => {
+                return Err((
+                    "column is not in the table's privacy profile (allowed, subject, personal or dropped)"
+                        .to_string(),
+                    Some(name.into_owned()),
+                ));
+            }
+            Role::Reserved => {
+                return Err((
+                    format!("column names ending in {CIPHER_SUFFIX:?} are reserved"),
+                    Some(name.into_owned()),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -142,60 +225,53 @@ pub fn protect_line<'a: 's, 's>(
         dropped,
         generation,
     } = scratch;
-    if !scopes.contains_key(scope) {
-        scopes.insert(scope.to_string(), ScopeCache::new(opts));
-    }
-    let cache = scopes.get_mut(scope).expect("inserted above");
-    // Sort every column into its role; subject and personal values leave the line.
-    let mut subjects: SmallVec<[(usize, Cow<'a, str>); 2]> = SmallVec::new();
-    let mut personal: SmallVec<[PersonalValue<'a>; 4]> = SmallVec::new();
-    let mut position = 0;
-    let mut at = 0;
-    while at < line.tags.len() + line.fields.len() {
-        let is_tag = at < line.tags.len();
-        let name: &str = if is_tag {
-            &line.tags[at].0
-        } else {
-            &line.fields[at - line.tags.len()].0
-        };
-        if name.ends_with(CIPHER_SUFFIX) {
-            return Err((
-                format!("column names ending in {CIPHER_SUFFIX:?} are reserved"),
-                Some(name.to_string()),
-            ));
+    let at = match scopes.iter().position(|(s, _)| s == scope) {
+        Some(i) => i,
+        None => {
+            scopes.push((scope.to_string(), ScopeCache::new(opts)));
+            scopes.len() - 1
         }
-        let role = cache.role(opts, position, name);
-        position += 1;
-        let leave = |line: &mut ParsedLine<'a>| -> (Cow<'a, str>, Cow<'a, str>) {
-            if is_tag {
-                line.tags.remove(at)
-            } else {
-                let (k, v) = line.fields.remove(at - line.tags.len());
-                (k, text_of(v))
+    };
+    let cache = &mut scopes[at].1;
+    // Sort every column into its role: kept columns move up in place, the others leave
+    // the line in one pass.
+    let mut taken = Taken {
+        subjects: SmallVec::new(),
+        personal: SmallVec::new(),
+    };
+    let mut kept = 0;
+    let tag_count = line.tags.len();
+    for i in 0..tag_count {
+        match cache.role(opts, i, &line.tags[i].0) {
+            Role::Keep => {
+                line.tags.swap(kept, i);
+                kept += 1;
             }
-        };
-        match role {
-            Role::Keep => at += 1,
-            Role::Subject(i) => subjects.push((i, leave(&mut line).1)),
-            Role::Personal(i) => {
-                let (k, v) = leave(&mut line);
-                personal.push((k, i, v));
-            }
-            Role::Drop => {
-                let (k, _) = leave(&mut line);
-                if !dropped.contains(k.as_ref()) {
-                    dropped.insert(k.into_owned());
-                }
-            }
-            Role::Unknown => {
-                return Err((
-                    "column is not in the table's privacy profile (allowed, subject, personal or dropped)"
-                        .to_string(),
-                    Some(name.to_string()),
-                ));
+            role => {
+                let (name, value) = std::mem::take(&mut line.tags[i]);
+                taken.take(role, name, value, dropped)?;
             }
         }
     }
+    line.tags.truncate(kept);
+    kept = 0;
+    for i in 0..line.fields.len() {
+        match cache.role(opts, tag_count + i, &line.fields[i].0) {
+            Role::Keep => {
+                line.fields.swap(kept, i);
+                kept += 1;
+            }
+            role => {
+                let (name, value) = std::mem::replace(
+                    &mut line.fields[i],
+                    (Cow::Borrowed(""), FieldValue::Boolean(false)),
+                );
+                taken.take(role, name, text_of(value), dropped)?;
+            }
+        }
+    }
+    line.fields.truncate(kept);
+    let Taken { subjects, personal } = taken;
     if let Some((column, subject, _)) = personal
         .iter()
         .find(|(_, s, _)| !subjects.iter().any(|(i, _)| i == s))
@@ -217,38 +293,33 @@ pub fn protect_line<'a: 's, 's>(
             None,
         ));
     };
-    let period = opts.key_period.period_of(time);
-    let entries = cache.entries.entry(period.0).or_default();
+    let period = cache.period_of(opts, time);
+    let mut places: SmallVec<[usize; 2]> = SmallVec::new();
     for (_, value) in &subjects {
-        if !entries.contains_key(value.as_ref()) {
-            let hash = keyring.subject_hash(value);
-            let e = keyring.entry_for(scope, &hash, period).map_err(|e| {
-                tracing::error!(error = %e, "keyring failed");
-                ("the keyring failed; see the server log".to_string(), None)
-            })?;
-            entries.insert(value.to_string(), e);
-        }
+        places.push(cache.entry_of(keyring, scope, period, value)?);
     }
     // From here on the cache is only read: the line borrows names and pseudonyms from it.
     let cache: &'s ScopeCache = cache;
-    let entries = &cache.entries[&period.0];
     let mut line: ParsedLine<'s> = line;
-    let mut keys: SmallVec<[&'s Entry; 2]> = SmallVec::new();
-    for (i, value) in &subjects {
-        let entry: &'s Entry = &entries[value.as_ref()];
-        *generation = (*generation).max(entry.generation());
-        line.tags.push((
-            Cow::Borrowed(cache.subjects[*i].0.as_str()),
-            Cow::Borrowed(entry.pseudonym.as_str()),
-        ));
-        keys.push(entry);
+    // The series as stored: every tag, sorted by name. Writers mostly send tags sorted
+    // already; subjects go in at their place.
+    if !line.tags.is_sorted_by(|a, b| a.0 <= b.0) {
+        line.tags.sort_by(|a, b| a.0.cmp(&b.0));
     }
-    // The series as stored: every tag, sorted by name.
-    line.tags.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((i, _), place) in subjects.iter().zip(&places) {
+        let entry: &'s Entry = &cache.entries[*place];
+        *generation = (*generation).max(entry.generation());
+        let name = cache.subjects[*i].0.as_str();
+        let at = line.tags.partition_point(|(k, _)| k.as_ref() < name);
+        line.tags.insert(
+            at,
+            (Cow::Borrowed(name), Cow::Borrowed(entry.pseudonym.as_str())),
+        );
+    }
     // One cell per subject: the subject value and that person's personal values.
     cells.clear();
     let mut ranges: SmallVec<[std::ops::Range<usize>; 2]> = SmallVec::new();
-    for ((i, value), entry) in subjects.iter().zip(&keys) {
+    for ((i, value), place) in subjects.iter().zip(&places) {
         let (name, column) = &cache.subjects[*i];
         let series = line.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
         associated_data(aad, scope, column, series, time);
@@ -258,7 +329,12 @@ pub fn protect_line<'a: 's, 's>(
                 .filter(|(_, s, _)| s == i)
                 .map(|(p, _, v)| (p.as_ref(), v.as_ref())),
         );
-        ranges.push(encrypt_values_into(cells, entry, aad, values));
+        ranges.push(encrypt_values_into(
+            cells,
+            &cache.entries[*place],
+            aad,
+            values,
+        ));
     }
     let cells: &'s Vec<u8> = cells;
     for ((i, _), range) in subjects.iter().zip(ranges) {

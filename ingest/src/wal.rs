@@ -139,6 +139,16 @@ impl EncodedRecord {
     pub fn rows(&self) -> u64 {
         self.rows
     }
+
+    /// Encoded size in bytes.
+    pub fn encoded_len(&self) -> usize {
+        self.payload.len()
+    }
+
+    /// The writes, for the buffer.
+    pub fn into_writes(self) -> Vec<TableWrite> {
+        self.writes
+    }
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) -> Result<(), WalError> {

@@ -46,7 +46,6 @@ fn from_datetime(dt: DateTime<Utc>) -> i64 {
 impl PartitionGranularity {
     /// The partition holding a timestamp.
     pub fn partition_of(self, nanos: i64) -> PartitionKey {
-        let dt = to_datetime(nanos);
         let (start, end) = match self {
             PartitionGranularity::Hour => {
                 let start = nanos
@@ -61,6 +60,7 @@ impl PartitionGranularity {
                 (start, start.saturating_add(86_400 * NANOS_PER_SEC))
             }
             PartitionGranularity::Month => {
+                let dt = to_datetime(nanos);
                 let first = NaiveDate::from_ymd_opt(dt.year(), dt.month(), 1)
                     .and_then(|d| d.and_hms_opt(0, 0, 0))
                     .map(|d| from_datetime(d.and_utc()))
