@@ -441,6 +441,58 @@ ttl = "1h"
     assert_eq!(r, vec![json!({"v": 2.0})]);
 }
 
+/// An error before the first batch gets a status code; one after it cannot, so the server
+/// aborts the transfer: the client sees a broken response, never a clean but short one.
+#[tokio::test]
+async fn an_error_after_the_first_batch_aborts_the_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), "");
+    let t = now_ns() - 3_600_000_000_000;
+    for part in 0..20 {
+        let body: String = (part * 5_000..(part + 1) * 5_000)
+            .map(|i| format!("t,s=a n={i}i {}\n", t + i))
+            .collect();
+        write(&server, "db", body).await;
+    }
+    // A division by the running row number's test can only run after the window, which
+    // emits sorted batches of 8192 rows (the sort streams them: too many rows to sort in
+    // one piece): from the 90,000th row on it divides by zero, so the first batch streams
+    // before the error.
+    let sql = "SELECT n, 10 / (CASE WHEN row_number() OVER (ORDER BY n) < 90000 THEN 1 ELSE 0 END) AS q FROM t";
+    for format in ["csv", "json", "arrow"] {
+        let resp = server
+            .client()
+            .get(server.url("/api/v3/query_sql"))
+            .query(&[("db", "db"), ("q", sql), ("format", format)])
+            .send()
+            .await
+            .expect("query request");
+        let status = resp.status().as_u16();
+        if status != 200 {
+            panic!(
+                "{format}: {status} {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let read = resp.bytes().await;
+        assert!(
+            read.is_err(),
+            "{format}: a result cut by an error must not end like a complete one ({} bytes)",
+            read.map(|b| b.len()).unwrap_or_default()
+        );
+    }
+    // The same error in the first batch is a 400 with the reason.
+    let (status, _, body) = query(&server, "db", "SELECT 10 / (n - n) FROM t", "csv").await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.to_lowercase().contains("divide by zero"), "{text}");
+    assert_eq!(
+        count(&server, "db", "t").await,
+        100_000,
+        "the server still answers"
+    );
+}
+
 #[tokio::test]
 async fn memory_time_and_concurrency_limits_answer_cleanly() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,7 @@ use datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::parquet::ParquetRowSelection;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
@@ -273,11 +274,20 @@ impl LakeTable {
         predicate: Option<Expr>,
         sorted: bool,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        // Footers and page indexes are parsed once per file and kept in the engine's
+        // metadata cache: lake files are immutable (a rewrite gets a new name), and without
+        // the cache every query re-reads and decodes them for every file it touches.
+        let store = state.runtime_env().object_store(&self.lake_url)?;
+        let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
         let mut source = ParquetSource::new(self.stored.clone())
             .with_table_parquet_options(TableParquetOptions {
                 global: state.config_options().execution.parquet.clone(),
                 ..TableParquetOptions::default()
             })
+            .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(
+                store,
+                metadata_cache,
+            )))
             .with_enable_page_index(true);
         if let Some(p) = predicate {
             let df_schema = DFSchema::try_from(self.stored.clone())?;
