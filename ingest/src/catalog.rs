@@ -495,20 +495,28 @@ impl Catalog {
                 state.schema.add_column(name, ty);
             }
             state.series.insert(series);
-            let builder = match builders
+            // Found by range; a range clamped at i64::MAX cannot hold i64::MAX itself,
+            // so a miss looks for the key before it opens a partition.
+            let at = match builders
                 .iter()
                 .position(|(p, _)| p.start <= time && time < p.end)
             {
-                Some(i) => &mut builders[i].1,
+                Some(i) => i,
                 None => {
                     let partition = granularity.partition_of(time);
-                    // Most requests fall in one partition: the first is sized for all
-                    // lines, the others grow as they fill.
-                    let expected = if builders.is_empty() { line_count } else { 0 };
-                    builders.push((partition, BatchBuilder::with_capacity(expected)));
-                    &mut builders.last_mut().expect("just pushed").1
+                    match builders.iter().position(|(p, _)| *p == partition) {
+                        Some(i) => i,
+                        None => {
+                            // Most requests fall in one partition: the first is sized for
+                            // all lines, the others grow as they fill.
+                            let expected = if builders.is_empty() { line_count } else { 0 };
+                            builders.push((partition, BatchBuilder::with_capacity(expected)));
+                            builders.len() - 1
+                        }
+                    }
                 }
             };
+            let builder = &mut builders[at].1;
             builder.append(&line, time);
             out.lines_accepted += 1;
         }
@@ -566,6 +574,9 @@ enum ColumnBuilder {
 /// The most a variable-length column reserves up front; past it, it grows as it fills.
 const MAX_RESERVED_BYTES: usize = 8 << 20;
 
+/// The most one request's batch reserves up front across its columns.
+const RESERVE_BUDGET_BYTES: usize = 32 << 20;
+
 impl ColumnBuilder {
     /// A builder sized for `rows` values, of about `value_len` bytes each if variable-length,
     /// so that a request's columns do not grow (and copy) by doubling.
@@ -618,6 +629,9 @@ struct BatchBuilder {
     rows: usize,
     /// Rows expected (the request's lines of the table): columns are sized for them.
     expected_rows: usize,
+    /// Bytes columns may still reserve up front: a wide first line followed by many
+    /// narrow ones must not reserve every column for every line.
+    reserve_budget: usize,
     time: TimestampNanosecondBuilder,
     /// (name, builder, rows appended so far), in order of first appearance.
     columns: Vec<(String, ColumnBuilder, usize)>,
@@ -628,6 +642,7 @@ impl BatchBuilder {
         BatchBuilder {
             rows: 0,
             expected_rows: rows,
+            reserve_budget: RESERVE_BUDGET_BYTES,
             time: TimestampNanosecondBuilder::with_capacity(rows),
             columns: Vec::new(),
         }
@@ -645,7 +660,15 @@ impl BatchBuilder {
         if let Some(i) = self.columns.iter().position(|(n, _, _)| n == name) {
             return i;
         }
-        let mut b = ColumnBuilder::new(ty, self.expected_rows.max(self.rows + 1), value_len);
+        let wanted = self.expected_rows.max(self.rows + 1);
+        let reserved = wanted.saturating_mul(8 + value_len);
+        let rows = if reserved <= self.reserve_budget {
+            self.reserve_budget -= reserved;
+            wanted
+        } else {
+            self.rows + 1
+        };
+        let mut b = ColumnBuilder::new(ty, rows, value_len);
         b.append_nulls(self.rows);
         self.columns.push((name.to_string(), b, self.rows));
         self.columns.len() - 1

@@ -182,6 +182,14 @@ impl<'a> Taken<'a> {
     ) -> Result<(), Refusal> {
         match role {
             Role::Keep => unreachable!("kept columns stay in the line"),
+            // A tag and a field of the same name are two columns to the parser; after
+            // the privacy step both would be one pseudonym tag.
+            Role::Subject(i) if self.subjects.iter().any(|(s, _)| *s == i) => {
+                return Err(twice(name));
+            }
+            Role::Personal(_) if self.personal.iter().any(|(n, _, _)| *n == name) => {
+                return Err(twice(name));
+            }
             Role::Subject(i) => self.subjects.push((i, value)),
             Role::Personal(i) => self.personal.push((name, i, value)),
             Role::Drop => {
@@ -205,6 +213,13 @@ impl<'a> Taken<'a> {
         }
         Ok(())
     }
+}
+
+fn twice(name: Cow<'_, str>) -> Refusal {
+    (
+        "column appears twice in the line (as a tag and as a field)".to_string(),
+        Some(name.into_owned()),
+    )
 }
 
 /// Applies a table's privacy profile to one line whose time is `time`. The line it returns
@@ -443,6 +458,63 @@ mod tests {
         );
         assert_eq!(privacy::value_of(&plain, "operator_id"), Some("E7"));
         assert!(s.generation > 0);
+    }
+
+    #[test]
+    fn a_subject_sent_as_tag_and_field_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Keyring::init(dir.path(), MasterKey::generate().unwrap()).unwrap();
+        let mut s = ProtectScratch::default();
+        for body in [
+            r#"mes,operator_id=E7 operator_id="E8""#,
+            r#"mes,operator_name=A operator_id="E7",operator_name="B""#,
+        ] {
+            let err = protect(body, &k, &mut s).unwrap_err();
+            assert!(err.0.contains("twice"), "{body}: {}", err.0);
+            assert!(!err.0.contains("E7") && !err.0.contains("E8"));
+        }
+    }
+
+    #[test]
+    fn lines_of_one_request_in_two_key_periods_use_each_periods_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = Keyring::init(dir.path(), MasterKey::generate().unwrap()).unwrap();
+        let mut s = ProtectScratch::default();
+        let opts = profile();
+        let day = 86_400_000_000_000i64;
+        // Month key periods: 2026-01-31 and 2026-02-01, then January again.
+        let times = [1_769_817_600_000_000_000, 1_769_817_600_000_000_000 + day];
+        let mut seen = Vec::new();
+        for time in [times[0], times[1], times[0] + 1] {
+            let line = parse_lines(br#"mes,event=qc,line=L1 operator_id="E7""#)
+                .next()
+                .unwrap()
+                .unwrap();
+            let line = owned(protect_line(line, time, "db/mes", &opts, Some(&k), &mut s).unwrap());
+            let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
+                panic!()
+            };
+            let series: Vec<(&str, &str)> = line
+                .tags
+                .iter()
+                .map(|(k, v)| (k.as_ref(), v.as_ref()))
+                .collect();
+            let mut aad = Vec::new();
+            associated_data(&mut aad, "db/mes", "operator_id__enc", series, time);
+            let keys = k.keys();
+            let plain = decrypt_cell(cell, &aad, |id| keys.get(id)).unwrap();
+            assert_eq!(privacy::value_of(&plain, "operator_id"), Some("E7"));
+            seen.push((
+                privacy::key_id_of(cell).unwrap(),
+                line.tags[2].1.to_string(),
+            ));
+        }
+        assert_ne!(
+            seen[0], seen[1],
+            "a new period has its own key and pseudonym"
+        );
+        assert_eq!(seen[0], seen[2], "back in the first period, its key again");
+        assert_eq!(k.subject_entries(&k.subject_hash("E7")).len(), 2);
     }
 
     #[test]

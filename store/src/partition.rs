@@ -43,22 +43,22 @@ fn from_datetime(dt: DateTime<Utc>) -> i64 {
     })
 }
 
+/// The range `[start, end)` of length `size` holding `nanos`, ranges starting at `offset`
+/// modulo `size`; clamped to the i64 range at its ends, so neighbouring ranges never
+/// overlap even there.
+pub(crate) fn aligned_range(nanos: i64, size: i64, offset: i64) -> (i64, i64) {
+    let (nanos, size, offset) = (i128::from(nanos), i128::from(size), i128::from(offset));
+    let start = (nanos - offset).div_euclid(size) * size + offset;
+    let clamp = |v: i128| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    (clamp(start), clamp(start + size))
+}
+
 impl PartitionGranularity {
     /// The partition holding a timestamp.
     pub fn partition_of(self, nanos: i64) -> PartitionKey {
         let (start, end) = match self {
-            PartitionGranularity::Hour => {
-                let start = nanos
-                    .div_euclid(3600 * NANOS_PER_SEC)
-                    .saturating_mul(3600 * NANOS_PER_SEC);
-                (start, start.saturating_add(3600 * NANOS_PER_SEC))
-            }
-            PartitionGranularity::Day => {
-                let start = nanos
-                    .div_euclid(86_400 * NANOS_PER_SEC)
-                    .saturating_mul(86_400 * NANOS_PER_SEC);
-                (start, start.saturating_add(86_400 * NANOS_PER_SEC))
-            }
+            PartitionGranularity::Hour => aligned_range(nanos, 3600 * NANOS_PER_SEC, 0),
+            PartitionGranularity::Day => aligned_range(nanos, 86_400 * NANOS_PER_SEC, 0),
             PartitionGranularity::Month => {
                 let dt = to_datetime(nanos);
                 let first = NaiveDate::from_ymd_opt(dt.year(), dt.month(), 1)
@@ -174,5 +174,27 @@ mod tests {
         }
         let key = PartitionGranularity::Day.partition_of(-1);
         assert_eq!(key.dir(), "date=1969-12-31");
+    }
+
+    /// Writers find a line's partition by range among those already open, so ranges must
+    /// hold their timestamps and never overlap, even where they are clamped.
+    #[test]
+    fn ranges_hold_their_timestamps_and_do_not_overlap_at_the_extremes() {
+        for g in [PartitionGranularity::Hour, PartitionGranularity::Day] {
+            let first = g.partition_of(i64::MIN);
+            let next = g.partition_of(first.end);
+            assert_eq!(first.start, i64::MIN);
+            assert!(first.end > i64::MIN && next.start == first.end);
+            assert_eq!(g.partition_of(first.end - 1), first);
+            let last = g.partition_of(i64::MAX);
+            assert_eq!(
+                last.end,
+                i64::MAX,
+                "clamped: i64::MAX itself is past the range"
+            );
+            assert_eq!(g.partition_of(last.start), last);
+        }
+        assert_eq!(aligned_range(-1, 10, 4), (-6, 4));
+        assert_eq!(aligned_range(4, 10, 4), (4, 14));
     }
 }

@@ -85,15 +85,8 @@ impl KeyPeriod {
                 let p = PartitionGranularity::Day.partition_of(nanos);
                 (p.start, p.end)
             }
-            KeyPeriod::Week => {
-                // 1970-01-05 was a Monday.
-                let monday = 4 * DAY;
-                let start = (nanos.saturating_sub(monday))
-                    .div_euclid(7 * DAY)
-                    .saturating_mul(7 * DAY)
-                    .saturating_add(monday);
-                (start, start.saturating_add(7 * DAY))
-            }
+            // 1970-01-05 was a Monday.
+            KeyPeriod::Week => crate::partition::aligned_range(nanos, 7 * DAY, 4 * DAY),
             KeyPeriod::Month => {
                 let p = PartitionGranularity::Month.partition_of(nanos);
                 (p.start, p.end)
