@@ -10,6 +10,7 @@ pub mod dedup;
 pub mod engine;
 pub mod format;
 pub mod functions;
+pub mod group_keys;
 pub mod lastpoint;
 pub mod metrics;
 pub mod personal;

@@ -22,6 +22,8 @@ pub fn install(builder: SessionStateBuilder, lookback_ns: i64) -> SessionStateBu
     builder
         .with_analyzer_rules(rules)
         .with_optimizer_rule(Arc::new(crate::lastpoint::LastPointRule))
+        // After the lastpoint rule, which recognises its aggregate by plain tag columns.
+        .with_optimizer_rule(Arc::new(crate::group_keys::DictionaryGroupKeys))
         .with_query_planner(Arc::new(gapfill::HistorianQueryPlanner))
 }
 
