@@ -408,6 +408,27 @@ mod tests {
         }
     }
 
+    /// Decrypts the line's `operator_id__enc` cell (its first field) as a reader would: with
+    /// the associated data of the stored row's tags, which must be sorted by name.
+    fn open_first_cell(line: &ParsedLine<'_>, k: &Keyring, time: i64) -> Vec<u8> {
+        let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
+            panic!("the first field is a cell")
+        };
+        let series: Vec<(&str, &str)> = line
+            .tags
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+            .collect();
+        assert!(
+            series.is_sorted_by(|a, b| a.0 <= b.0),
+            "stored tags are sorted"
+        );
+        let mut aad = Vec::new();
+        associated_data(&mut aad, "db/mes", "operator_id__enc", series, time);
+        let keys = k.keys();
+        decrypt_cell(cell, &aad, |id| keys.get(id)).unwrap()
+    }
+
     fn protect(
         body: &str,
         k: &Keyring,
@@ -440,18 +461,7 @@ mod tests {
         );
         let names: Vec<&str> = line.fields.iter().map(|(k, _)| k.as_ref()).collect();
         assert_eq!(names, ["operator_id__enc", "supervisor_id__enc"]);
-        let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
-            panic!()
-        };
-        let series: Vec<(&str, &str)> = line
-            .tags
-            .iter()
-            .map(|(k, v)| (k.as_ref(), v.as_ref()))
-            .collect();
-        let mut aad = Vec::new();
-        associated_data(&mut aad, "db/mes", "operator_id__enc", series, 1_000);
-        let keys = k.keys();
-        let plain = decrypt_cell(cell, &aad, |id| keys.get(id)).unwrap();
+        let plain = open_first_cell(&line, &k, 1_000);
         assert_eq!(
             privacy::value_of(&plain, "operator_name"),
             Some("Zoë O'Brien")
@@ -491,19 +501,11 @@ mod tests {
                 .unwrap()
                 .unwrap();
             let line = owned(protect_line(line, time, "db/mes", &opts, Some(&k), &mut s).unwrap());
-            let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
-                panic!()
-            };
-            let series: Vec<(&str, &str)> = line
-                .tags
-                .iter()
-                .map(|(k, v)| (k.as_ref(), v.as_ref()))
-                .collect();
-            let mut aad = Vec::new();
-            associated_data(&mut aad, "db/mes", "operator_id__enc", series, time);
-            let keys = k.keys();
-            let plain = decrypt_cell(cell, &aad, |id| keys.get(id)).unwrap();
+            let plain = open_first_cell(&line, &k, time);
             assert_eq!(privacy::value_of(&plain, "operator_id"), Some("E7"));
+            let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
+                panic!("the first field is a cell")
+            };
             seen.push((
                 privacy::key_id_of(cell).unwrap(),
                 line.tags[2].1.to_string(),
