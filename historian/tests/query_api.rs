@@ -28,6 +28,12 @@ async fn write(server: &Server, db: &str, body: String) {
     assert_eq!(status, 204, "{resp}");
 }
 
+/// The physical plan `EXPLAIN` gives for `sql` in the database `db`.
+async fn physical_plan(server: &Server, sql: &str) -> String {
+    let plan = rows(server, "db", &format!("EXPLAIN {sql}")).await;
+    plan[1]["plan"].as_str().unwrap().to_string()
+}
+
 async fn wait_for_files(server: &Server, db: &str, table: &str, at_least: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -319,8 +325,7 @@ async fn last_write_wins_across_buffer_and_files() {
             json!({"host": "b", "x": 5.0})
         ]
     );
-    let plan = rows(&server, "db", &format!("EXPLAIN {lastpoint}")).await;
-    let physical = plan[1]["plan"].as_str().unwrap();
+    let physical = physical_plan(&server, lastpoint).await;
     assert!(!physical.contains("file_type=parquet"), "{physical}");
     // A filter on tags keeps whole series: the fast path still applies, the filter above it.
     let one = "SELECT DISTINCT ON (host) host, x, y FROM m WHERE host IN ('b', 'c') ORDER BY host, time DESC";
@@ -328,8 +333,7 @@ async fn last_write_wins_across_buffer_and_files() {
         rows(&server, "db", one).await,
         vec![json!({"host": "b", "x": 5.0})]
     );
-    let plan = rows(&server, "db", &format!("EXPLAIN {one}")).await;
-    let physical = plan[1]["plan"].as_str().unwrap();
+    let physical = physical_plan(&server, one).await;
     assert!(!physical.contains("file_type=parquet"), "{physical}");
     // A filter on a field is not per series: the plain plan answers (the last row with
     // x < 3 is not the last row).
@@ -338,13 +342,8 @@ async fn last_write_wins_across_buffer_and_files() {
         rows(&server, "db", field).await,
         vec![json!({"host": "a", "x": 2.0})]
     );
-    let plan = rows(&server, "db", &format!("EXPLAIN {field}")).await;
-    assert!(
-        plan[1]["plan"]
-            .as_str()
-            .unwrap()
-            .contains("file_type=parquet")
-    );
+    let physical = physical_plan(&server, field).await;
+    assert!(physical.contains("file_type=parquet"), "{physical}");
     write(&server, "db", format!("m,host=b x=6 {}\n", t + 1)).await;
     let r = rows(&server, "db", lastpoint).await;
     assert_eq!(
