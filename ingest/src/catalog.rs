@@ -578,12 +578,9 @@ const MAX_RESERVED_BYTES: usize = 8 << 20;
 const RESERVE_BUDGET_BYTES: usize = 32 << 20;
 
 impl ColumnBuilder {
-    /// A builder sized for `rows` values, of about `value_len` bytes each if variable-length,
-    /// so that a request's columns do not grow (and copy) by doubling.
-    fn new(ty: ColumnType, rows: usize, value_len: usize) -> Self {
-        let bytes = rows
-            .saturating_mul(value_len + value_len / 4)
-            .min(MAX_RESERVED_BYTES);
+    /// A builder sized for `rows` values and, if variable-length, `bytes` of value data, so
+    /// that a request's columns do not grow (and copy) by doubling.
+    fn new(ty: ColumnType, rows: usize, bytes: usize) -> Self {
         match ty {
             ColumnType::Tag | ColumnType::Time => {
                 ColumnBuilder::Tag(StringDictionaryBuilder::with_capacity(rows, 64, 1024))
@@ -660,15 +657,24 @@ impl BatchBuilder {
         if let Some(i) = self.columns.iter().position(|(n, _, _)| n == name) {
             return i;
         }
-        let wanted = self.expected_rows.max(self.rows + 1);
-        let reserved = wanted.saturating_mul(8 + value_len);
-        let rows = if reserved <= self.reserve_budget {
-            self.reserve_budget -= reserved;
-            wanted
-        } else {
-            self.rows + 1
+        // Value data for the expected rows (a quarter more than the first value's length
+        // each), then the reservation counted against the request's budget with 8 bytes per
+        // row for values or offsets; past the budget a column starts small.
+        let reserve = |rows: usize| {
+            let bytes = rows
+                .saturating_mul(value_len + value_len / 4)
+                .min(MAX_RESERVED_BYTES);
+            (bytes, rows.saturating_mul(8).saturating_add(bytes))
         };
-        let mut b = ColumnBuilder::new(ty, rows, value_len);
+        let wanted = self.expected_rows.max(self.rows + 1);
+        let (rows, bytes) = match reserve(wanted) {
+            (bytes, total) if total <= self.reserve_budget => {
+                self.reserve_budget -= total;
+                (wanted, bytes)
+            }
+            _ => (self.rows + 1, reserve(self.rows + 1).0),
+        };
+        let mut b = ColumnBuilder::new(ty, rows, bytes);
         b.append_nulls(self.rows);
         self.columns.push((name.to_string(), b, self.rows));
         self.columns.len() - 1
