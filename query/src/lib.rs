@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod personal;
 pub mod pg_catalog;
 pub mod policy;
+pub mod run_aggregate;
 pub mod sandbox;
 pub mod table;
 

@@ -24,6 +24,7 @@ pub fn install(builder: SessionStateBuilder, lookback_ns: i64) -> SessionStateBu
         .with_optimizer_rule(Arc::new(crate::lastpoint::LastPointRule))
         // After the lastpoint rule, which recognises its aggregate by plain tag columns.
         .with_optimizer_rule(Arc::new(crate::group_keys::DictionaryGroupKeys))
+        .with_physical_optimizer_rule(Arc::new(crate::run_aggregate::RunAggregation))
         .with_query_planner(Arc::new(gapfill::HistorianQueryPlanner))
 }
 
