@@ -14,8 +14,10 @@ use datafusion::common::{DFSchema, DataFusionError, Result, ScalarValue};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::parquet::ParquetRowSelection;
+use datafusion::datasource::physical_plan::parquet::{
+    CachedParquetFileReaderFactory, ParquetFileReaderFactory,
+};
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::execution::object_store::ObjectStoreUrl;
@@ -26,10 +28,14 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::expressions::Column;
 use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::union::UnionExec;
-use parquet::arrow::arrow_reader::RowSelection;
+use futures::future::BoxFuture;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, RowSelection};
+use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
 use store::dedup::{align, filter_time};
 use store::{ColumnType, FileMeta, SEQ_COLUMN, TIME_COLUMN, TableSnapshot};
 
@@ -284,9 +290,8 @@ impl LakeTable {
                 global: state.config_options().execution.parquet.clone(),
                 ..TableParquetOptions::default()
             })
-            .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(
-                store,
-                metadata_cache,
+            .with_parquet_file_reader_factory(Arc::new(PageIndexedReaderFactory(
+                CachedParquetFileReaderFactory::new(store, metadata_cache),
             )))
             .with_enable_page_index(true);
         if let Some(p) = predicate {
@@ -603,6 +608,64 @@ impl TableProvider for LakeTable {
     }
 }
 
+/// Lake files' readers, whose metadata always comes with the page index.
+///
+/// DataFusion's opener asks for the footer alone, prunes row groups, and then loads the
+/// page index through the reader, decoding it again on every query: the metadata cache
+/// kept only the footer. Asking for the page index up front makes the cache keep it, so
+/// a query over a file it has seen decodes no index (a few milliseconds per file, the
+/// bulk of a one-host query's fixed cost).
+#[derive(Debug)]
+struct PageIndexedReaderFactory(CachedParquetFileReaderFactory);
+
+impl ParquetFileReaderFactory for PageIndexedReaderFactory {
+    fn create_reader(
+        &self,
+        partition_index: usize,
+        partitioned_file: PartitionedFile,
+        metadata_size_hint: Option<usize>,
+        metrics: &ExecutionPlanMetricsSet,
+    ) -> Result<Box<dyn AsyncFileReader + Send>> {
+        let inner = self.0.create_reader(
+            partition_index,
+            partitioned_file,
+            metadata_size_hint,
+            metrics,
+        )?;
+        Ok(Box::new(PageIndexedReader(inner)))
+    }
+}
+
+/// See [`PageIndexedReaderFactory`].
+struct PageIndexedReader(Box<dyn AsyncFileReader + Send>);
+
+impl AsyncFileReader for PageIndexedReader {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
+        self.0.get_bytes(range)
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<std::ops::Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<bytes::Bytes>>> {
+        self.0.get_byte_ranges(ranges)
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        let options = options
+            .cloned()
+            .unwrap_or_default()
+            .with_page_index_policy(PageIndexPolicy::Optional);
+        Box::pin(async move { self.0.get_metadata(Some(&options)).await })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,5 +727,87 @@ mod tests {
             vec![(10, 10), (18, 25)]
         );
         assert_eq!(overlap_intervals(&[&a, &c], Some((5, 31))), vec![(5, 31)]);
+    }
+}
+
+#[cfg(test)]
+mod page_index_tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use datafusion::execution::cache::cache_manager::{CacheManager, CacheManagerConfig};
+    use object_store::{ObjectStore, ObjectStoreExt};
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+
+    /// A file of a few pages, written with its page index, in an in-memory store.
+    async fn lake_file() -> (Arc<dyn ObjectStore>, PartitionedFile) {
+        let schema = Arc::new(Schema::new(vec![arrow::datatypes::Field::new(
+            "v",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..10_000))],
+        )
+        .unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_data_page_row_count_limit(1000)
+            .build();
+        let mut bytes = Vec::new();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(&mut bytes, schema, Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let size = bytes.len() as u64;
+        store
+            .put(&Path::from("f.parquet"), bytes.into())
+            .await
+            .unwrap();
+        (store, PartitionedFile::new("f.parquet", size))
+    }
+
+    #[tokio::test]
+    async fn the_metadata_cache_keeps_the_page_index() {
+        let (store, file) = lake_file().await;
+        // As DataFusion's opener asks: the footer first, without the page index.
+        let footer_only = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Skip);
+        let metrics = ExecutionPlanMetricsSet::new();
+        let has_index =
+            |m: &ParquetMetaData| m.column_index().is_some() && m.offset_index().is_some();
+        let cache = || {
+            CacheManager::try_new(&CacheManagerConfig::default())
+                .unwrap()
+                .get_file_metadata_cache()
+        };
+
+        let plain = CachedParquetFileReaderFactory::new(store.clone(), cache());
+        let mut reader = plain
+            .create_reader(0, file.clone(), None, &metrics)
+            .unwrap();
+        let metadata = reader.get_metadata(Some(&footer_only)).await.unwrap();
+        assert!(
+            !has_index(&metadata),
+            "DataFusion's factory alone leaves the index out"
+        );
+
+        let cache = cache();
+        let indexed = PageIndexedReaderFactory(CachedParquetFileReaderFactory::new(
+            store.clone(),
+            cache.clone(),
+        ));
+        for _ in 0..2 {
+            let mut reader = indexed
+                .create_reader(0, file.clone(), None, &metrics)
+                .unwrap();
+            let metadata = reader.get_metadata(Some(&footer_only)).await.unwrap();
+            assert!(has_index(&metadata));
+        }
+        // The cached entry holds it, so later queries decode nothing.
+        let again = CachedParquetFileReaderFactory::new(store, cache);
+        let mut reader = again.create_reader(0, file, None, &metrics).unwrap();
+        let metadata = reader.get_metadata(Some(&footer_only)).await.unwrap();
+        assert!(has_index(&metadata), "the cache kept the page index");
     }
 }
