@@ -735,9 +735,9 @@ mod page_index_tests {
     use super::*;
     use arrow::array::Int64Array;
     use datafusion::execution::cache::cache_manager::{CacheManager, CacheManagerConfig};
-    use object_store::{ObjectStore, ObjectStoreExt};
     use object_store::memory::InMemory;
     use object_store::path::Path;
+    use object_store::{ObjectStore, ObjectStoreExt};
 
     /// A file of a few pages, written with its page index, in an in-memory store.
     async fn lake_file() -> (Arc<dyn ObjectStore>, PartitionedFile) {
