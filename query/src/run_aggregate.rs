@@ -41,8 +41,8 @@ use datafusion::physical_plan::execution_plan::EmissionType;
 use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, InputOrderMode, PlanProperties,
-    SendableRecordBatchStream,
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, InputOrderMode,
+    Partitioning, PlanProperties, SendableRecordBatchStream,
 };
 use futures::StreamExt;
 
@@ -146,7 +146,8 @@ impl RunAggregateExec {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             agg.properties().partitioning.clone(),
-            EmissionType::Incremental,
+            // Partial state at the end, and earlier when groups or memory run out.
+            EmissionType::Both,
             agg.properties().boundedness,
         );
         Ok(Some(RunAggregateExec {
@@ -215,15 +216,22 @@ impl ExecutionPlan for RunAggregateExec {
         self: Arc<Self>,
         mut children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        let input = children.swap_remove(0);
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(self.schema.clone()),
+            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
+            EmissionType::Both,
+            self.properties.boundedness,
+        );
         Ok(Arc::new(RunAggregateExec {
-            input: children.swap_remove(0),
+            input,
             group_by: self.group_by.clone(),
             aggregates: self.aggregates.clone(),
             filters: self.filters.clone(),
             folds: self.folds.clone(),
             group_schema: self.group_schema.clone(),
             schema: self.schema.clone(),
-            properties: self.properties.clone(),
+            properties: Arc::new(properties),
             metrics: ExecutionPlanMetricsSet::new(),
         }))
     }
@@ -243,7 +251,9 @@ impl ExecutionPlan for RunAggregateExec {
             .iter()
             .map(|a| a.create_groups_accumulator())
             .collect::<Result<Vec<_>>>()?;
+        // Refused memory makes it hand on its state, as DataFusion's partial aggregate does.
         let reservation = MemoryConsumer::new(format!("RunAggregateExec[{partition}]"))
+            .with_can_spill(true)
             .register(context.memory_pool());
         let state = RunState {
             group_by: self.group_by.clone(),
@@ -400,11 +410,13 @@ impl RunFold {
             RunFold::Count => unreachable!("counted above"),
             RunFold::Sum => Some(vec![Arc::new(sums())]),
             RunFold::Avg => {
-                let counts = runs.iter().map(|(s, e)| non_null(*s, *e) as u64);
-                Some(vec![
-                    Arc::new(UInt64Array::from_iter_values(counts)),
-                    Arc::new(sums()),
-                ])
+                // A run without a value has no state at all (null count and sum), as
+                // DataFusion's partial average leaves it; a count of 0 would make NaN.
+                let counts: UInt64Array = runs
+                    .iter()
+                    .map(|(s, e)| Some(non_null(*s, *e) as u64).filter(|n| *n > 0))
+                    .collect();
+                Some(vec![Arc::new(counts), Arc::new(sums())])
             }
             RunFold::Min => {
                 extreme(f64::MAX, |v, cur| v < cur).map(|m| vec![Arc::new(m) as ArrayRef])
@@ -416,18 +428,10 @@ impl RunFold {
     }
 }
 
-/// The sum of `values` from 0.0 (as DataFusion's sum starts), in four lanes so that the
-/// additions do not wait on each other.
+/// The sum of `values` from 0.0, one value after the other, as DataFusion's sum adds them
+/// (a regrouped sum may overflow to NaN where DataFusion's gives infinity).
 fn sum(values: &[f64]) -> f64 {
-    let mut lanes = [0.0f64; 4];
-    let chunks = values.chunks_exact(4);
-    let rest: f64 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane += v;
-        }
-    }
-    0.0 + ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + rest
+    values.iter().fold(0.0, |sum, v| sum + v)
 }
 
 /// One partition's groups and accumulators.
@@ -525,9 +529,14 @@ impl FixedBins {
             return None;
         }
         let times = times.values();
+        // Past origin + i64::MAX, `date_bin` gives NULL (the difference overflows): a bin
+        // ends there at the latest.
+        let limit = i128::from(self.origin) + i128::from(i64::MAX) + 1;
         let bounds = |time: i64| {
-            self.start(time)
-                .map(|start| (start, i128::from(start) + i128::from(self.stride)))
+            self.start(time).map(|start| {
+                let end = i128::from(start) + i128::from(self.stride);
+                (start, end.min(limit))
+            })
         };
         let mut bin = bounds(times[0]);
         Some(BooleanBuffer::collect_bool(times.len() - 1, |i| {
@@ -694,7 +703,7 @@ mod tests {
     use datafusion::prelude::SessionContext;
 
     /// Rows of `hosts` series, each sorted by time (as a lake file holds them), or shuffled;
-    /// every 7th value and every 11th host is null, a few are NaN, infinite or -0.0. Values are
+    /// every 7th value, every value of every 13th host and every 11th host is null, a few are NaN, infinite or -0.0. Values are
     /// quarters, so every sum is exact whatever the order of addition.
     fn batches(hosts: usize, per_host: usize, shuffled: bool) -> (SchemaRef, Vec<RecordBatch>) {
         let mut rows: Vec<(Option<String>, i64, Option<f64>)> = Vec::new();
@@ -703,7 +712,8 @@ mod tests {
                 let n = h * per_host + i;
                 let host = (h % 11 != 10).then(|| format!("host_{h}"));
                 let value = match n {
-                    _ if n.is_multiple_of(7) => None,
+                    // Every 13th host has no value at all: its average is NULL, not NaN.
+                    _ if n.is_multiple_of(7) || h % 13 == 12 => None,
                     // NaN (in the first batch only), infinities and -0.0, which min and
                     // max must fold as DataFusion does.
                     5 | 13 => Some(f64::NAN),
@@ -836,6 +846,9 @@ mod tests {
             "SELECT date_bin(INTERVAL '1 hour', time) AS b, count(*) FROM m GROUP BY 1 ORDER BY 1",
             "SELECT date_bin(INTERVAL '1 day', time, TIMESTAMP '2000-01-01 00:00:00') AS b, \
              count(*) FROM m GROUP BY 1 ORDER BY 1",
+            // An origin before 1970: the last time's difference overflows, its bin is NULL.
+            "SELECT date_bin(INTERVAL '1 hour', time, TIMESTAMP '1969-12-31 23:59:59.999999999') \
+             AS b, count(*) FROM m GROUP BY 1 ORDER BY 1",
         ] {
             let answer = |rule| {
                 let data = &data;
@@ -855,8 +868,8 @@ mod tests {
 
     #[tokio::test]
     async fn more_groups_than_it_keeps_are_handed_on_in_parts() {
-        // 80,000 groups of two rows each, beyond MAX_GROUPS in one partition.
-        let data = batches(80_000, 2, false);
+        // 140,000 groups of one row, 70,000 in each of the two partitions: beyond MAX_GROUPS.
+        let data = batches(140_000, 1, false);
         let sql = "SELECT host, sum(v) AS s, count(*) AS n FROM m GROUP BY host ORDER BY host";
         let (plan, with_runs) = run(true, &data, sql).await;
         assert!(plan.contains("RunAggregateExec"), "{plan}");
