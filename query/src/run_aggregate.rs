@@ -761,11 +761,31 @@ mod tests {
     }
 
     fn context(rule: bool, data: &(SchemaRef, Vec<RecordBatch>)) -> SessionContext {
+        context_within(rule, data, None)
+    }
+
+    /// [`context`] with a memory pool of `limit` bytes, if given.
+    fn context_within(
+        rule: bool,
+        data: &(SchemaRef, Vec<RecordBatch>),
+        limit: Option<usize>,
+    ) -> SessionContext {
         let mut state = SessionStateBuilder::new()
             .with_default_features()
             .with_optimizer_rule(Arc::new(crate::group_keys::DictionaryGroupKeys));
         if rule {
             state = state.with_physical_optimizer_rule(Arc::new(RunAggregation));
+        }
+        if let Some(limit) = limit {
+            let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+                .with_memory_pool(Arc::new(
+                    datafusion::execution::memory_pool::FairSpillPool::new(limit),
+                ))
+                .build_arc()
+                .unwrap();
+            let mut config = datafusion::prelude::SessionConfig::new();
+            config.options_mut().execution.sort_spill_reservation_bytes = 256 << 10;
+            state = state.with_runtime_env(runtime).with_config(config);
         }
         let ctx = SessionContext::new_with_state(state.build());
         // Two partitions, so the final aggregate merges partial states of one group.
@@ -874,6 +894,27 @@ mod tests {
         let (plan, with_runs) = run(true, &data, sql).await;
         assert!(plan.contains("RunAggregateExec"), "{plan}");
         assert_eq!(with_runs, run(false, &data, sql).await.1);
+    }
+
+    #[tokio::test]
+    async fn refused_memory_hands_the_state_on() {
+        // A pool too small for 70,000 groups per partition: the memory pool refuses, the
+        // partial state goes on in parts, and the answer does not change.
+        let data = batches(140_000, 1, false);
+        let sql = "SELECT host, sum(v) AS s, count(*) AS n FROM m GROUP BY host";
+        let mut answers = Vec::new();
+        for rule in [true, false] {
+            let ctx = context_within(rule, &data, Some(4 << 20));
+            let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+            let shown = arrow::util::pretty::pretty_format_batches(&batches)
+                .unwrap()
+                .to_string();
+            let mut lines: Vec<String> = shown.lines().map(str::to_string).collect();
+            lines.sort();
+            answers.push(lines);
+        }
+        assert!(answers[0].len() > 127_000, "every group came back");
+        assert_eq!(answers[0], answers[1]);
     }
 
     #[tokio::test]
