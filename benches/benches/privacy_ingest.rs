@@ -70,7 +70,14 @@ fn bench(c: &mut Criterion) {
     let now = 1_800_000_000_000_000_000;
     let request = |catalog: &Catalog| {
         let validated = catalog
-            .validate("bench", parse_lines(&body), Precision::Nanosecond, now)
+            .validate_for(
+                "bench",
+                parse_lines(&body),
+                LINES,
+                Precision::Nanosecond,
+                now,
+                None,
+            )
             .expect("a valid database");
         assert_eq!(validated.lines_accepted, LINES, "{:?}", validated.rejected);
         validated

@@ -41,6 +41,23 @@ impl Default for Limits {
     }
 }
 
+/// Lines of a request validated together: few enough that their parsed form stays in the
+/// cache between parsing and validation.
+const VALIDATION_CHUNK_LINES: usize = 256;
+
+/// One table of a request while its lines stream through validation.
+struct RequestTable<'a> {
+    name: String,
+    /// The table, or why none of its lines can be written.
+    target: Result<Arc<TableCatalog>, String>,
+    /// Parsed lines not yet validated.
+    lines: Vec<ParsedLine<'a>>,
+    /// Lines of the request for this table so far.
+    seen: usize,
+    /// The batches so far, per partition.
+    builders: Vec<(PartitionKey, BatchBuilder)>,
+}
+
 /// The state of one table that writes validate against.
 #[derive(Debug)]
 pub struct TableCatalog {
@@ -291,15 +308,17 @@ impl Catalog {
         precision: Precision,
         now_ns: i64,
     ) -> Result<ValidatedWrite, CatalogError> {
-        self.validate_for(db, lines, precision, now_ns, None)
+        self.validate_for(db, lines, 0, precision, now_ns, None)
     }
 
     /// [`Catalog::validate`] for a writer who may write only the tables `may_write`
     /// accepts: lines for other tables are rejected (before any table is created).
+    /// `expected_lines` (0: unknown) sizes the batches, so that they need not grow.
     pub fn validate_for<'a>(
         &self,
         db: &str,
         lines: impl IntoIterator<Item = Result<ParsedLine<'a>, LineError>>,
+        expected_lines: usize,
         precision: Precision,
         now_ns: i64,
         may_write: Option<&(dyn Fn(&str) -> bool + Send + Sync)>,
@@ -309,47 +328,73 @@ impl Catalog {
         }
         let mut out = ValidatedWrite::default();
         let mut scratch = ProtectScratch::default();
-        // Group lines by table first so each table is locked once per request.
-        let mut by_table: Vec<(String, Vec<ParsedLine<'a>>)> = Vec::new();
+        // Lines are validated a chunk at a time as they are parsed: a parsed line is used
+        // while it is still in the cache, and the parsed request is never held whole. Each
+        // table is locked once per chunk.
+        let mut tables: Vec<RequestTable<'a>> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
+        let mut last = 0;
+        let mut seen = 0;
+        let mut pending = 0;
         for line in lines {
-            match line {
-                Ok(l) => {
-                    let i = match index.get(l.measurement.as_ref()) {
-                        Some(i) => *i,
-                        None => {
-                            by_table.push((l.measurement.to_string(), Vec::new()));
-                            index.insert(l.measurement.to_string(), by_table.len() - 1);
-                            by_table.len() - 1
-                        }
-                    };
-                    by_table[i].1.push(l);
-                }
-                Err(e) => out.rejected.push(e),
-            }
-        }
-        for (table_name, lines) in by_table {
-            let permitted = may_write.is_none_or(|f| f(&table_name));
-            let created = if permitted {
-                self.table_or_create(db, &table_name, true)
-            } else {
-                Err("this token's role may not write to this table".to_string())
-            };
-            let table = match created {
-                Ok(t) => t,
-                Err(reason) => {
-                    for l in &lines {
-                        out.rejected.push(LineError {
-                            line_number: l.line_number,
-                            reason: reason.clone(),
-                            measurement: Some(table_name.clone()),
-                            column: None,
-                        });
-                    }
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    out.rejected.push(e);
                     continue;
                 }
             };
-            self.validate_table(&table, lines, precision, now_ns, &mut out, &mut scratch);
+            let at = match tables.get(last) {
+                Some(t) if t.name == line.measurement => last,
+                _ => match index.get(line.measurement.as_ref()) {
+                    Some(i) => *i,
+                    None => {
+                        let name = line.measurement.to_string();
+                        let permitted = may_write.is_none_or(|f| f(&name));
+                        let target = if permitted {
+                            self.table_or_create(db, &name, true)
+                        } else {
+                            Err("this token's role may not write to this table".to_string())
+                        };
+                        index.insert(name.clone(), tables.len());
+                        tables.push(RequestTable {
+                            name,
+                            target,
+                            lines: Vec::new(),
+                            seen: 0,
+                            builders: Vec::new(),
+                        });
+                        tables.len() - 1
+                    }
+                },
+            };
+            last = at;
+            tables[at].lines.push(line);
+            tables[at].seen += 1;
+            seen += 1;
+            pending += 1;
+            if pending == VALIDATION_CHUNK_LINES {
+                for t in &mut tables {
+                    // The table's share of the request so far sizes its batch.
+                    let expected = expected_lines.saturating_mul(t.seen) / seen;
+                    self.validate_chunk(t, expected, precision, now_ns, &mut out, &mut scratch);
+                }
+                pending = 0;
+            }
+        }
+        for mut t in tables {
+            let expected = expected_lines.saturating_mul(t.seen) / seen.max(1);
+            self.validate_chunk(&mut t, expected, precision, now_ns, &mut out, &mut scratch);
+            let Ok(table) = t.target else { continue };
+            let schema = table.state.lock().schema.clone();
+            for (partition, builder) in t.builders {
+                out.writes.push(TableWrite {
+                    db: table.db.clone(),
+                    table: table.name.clone(),
+                    partition,
+                    batch: builder.finish(&schema),
+                });
+            }
         }
         out.rejected.sort_by_key(|e| e.line_number);
         out.dropped_columns = scratch.dropped;
@@ -357,23 +402,45 @@ impl Catalog {
         Ok(out)
     }
 
-    fn validate_table(
+    /// Validates the lines a request has gathered for one table so far into its batches,
+    /// the first of which is sized for `expected_lines`.
+    fn validate_chunk(
         &self,
-        table: &TableCatalog,
-        lines: Vec<ParsedLine<'_>>,
+        request: &mut RequestTable<'_>,
+        expected_lines: usize,
         precision: Precision,
         now_ns: i64,
         out: &mut ValidatedWrite,
         scratch: &mut ProtectScratch,
     ) {
+        if request.lines.is_empty() {
+            return;
+        }
+        let table = match &request.target {
+            Ok(t) => t,
+            Err(reason) => {
+                for l in request.lines.drain(..) {
+                    out.rejected.push(LineError {
+                        line_number: l.line_number,
+                        reason: reason.clone(),
+                        measurement: Some(request.name.clone()),
+                        column: None,
+                    });
+                }
+                return;
+            }
+        };
         let horizon = table.options.horizon(now_ns);
         let profiled = table.options.has_profile();
-        let scope = store::key_scope(&table.db, &table.name);
+        let scope = if profiled {
+            store::key_scope(&table.db, &table.name)
+        } else {
+            String::new()
+        };
         let granularity = table.options.partition;
+        let builders = &mut request.builders;
         let mut state = table.state.lock();
-        let mut builders: Vec<(PartitionKey, BatchBuilder)> = Vec::new();
-        let line_count = lines.len();
-        for line in lines {
+        for line in request.lines.drain(..) {
             let line_number = line.line_number;
             let reject = |reason: String, column: Option<&str>| LineError {
                 line_number,
@@ -509,7 +576,11 @@ impl Catalog {
                         None => {
                             // Most requests fall in one partition: the first is sized for
                             // all lines, the others grow as they fill.
-                            let expected = if builders.is_empty() { line_count } else { 0 };
+                            let expected = if builders.is_empty() {
+                                expected_lines
+                            } else {
+                                0
+                            };
                             builders.push((partition, BatchBuilder::with_capacity(expected)));
                             builders.len() - 1
                         }
@@ -519,16 +590,6 @@ impl Catalog {
             let builder = &mut builders[at].1;
             builder.append(&line, time);
             out.lines_accepted += 1;
-        }
-        let schema = state.schema.clone();
-        drop(state);
-        for (partition, builder) in builders {
-            out.writes.push(TableWrite {
-                db: table.db.clone(),
-                table: table.name.clone(),
-                partition,
-                batch: builder.finish(&schema),
-            });
         }
     }
 
@@ -823,6 +884,59 @@ mod tests {
             .map(|f| f.name().clone())
             .collect();
         assert_eq!(names, ["a", "b", "time", "v"]);
+    }
+
+    #[test]
+    fn interleaved_tables_over_many_chunks_keep_every_line_in_order() {
+        // Three tables interleaved over several validation chunks; one table the writer
+        // may not write, one line with a type conflict far past the first chunk.
+        let c = catalog();
+        let lines = 3 * VALIDATION_CHUNK_LINES + 17;
+        let mut body = String::new();
+        for i in 0..lines {
+            let table = ["a", "b", "secret"][i % 3];
+            if i == 2 * VALIDATION_CHUNK_LINES + 1 {
+                body.push_str(&format!("{table},t=x v=\"text\" {i}\n"));
+            } else {
+                body.push_str(&format!("{table},t=x v={i} {i}\n"));
+            }
+        }
+        let may_write = |t: &str| t != "secret";
+        let v = c
+            .validate_for(
+                "db",
+                parse_lines(body.as_bytes()),
+                lines,
+                Precision::Nanosecond,
+                1_000,
+                Some(&may_write),
+            )
+            .unwrap();
+        let conflict = 2 * VALIDATION_CHUNK_LINES + 2;
+        let secret: Vec<usize> = (0..lines).filter(|i| i % 3 == 2).map(|i| i + 1).collect();
+        let mut expected_rejected = secret.clone();
+        expected_rejected.push(conflict);
+        expected_rejected.sort();
+        let rejected: Vec<usize> = v.rejected.iter().map(|e| e.line_number).collect();
+        assert_eq!(rejected, expected_rejected, "rejections by line number, sorted");
+        assert!(c.table("db", "secret").is_none(), "no table the writer may not write");
+        assert_eq!(v.lines_accepted, lines - secret.len() - 1);
+        for (name, offset) in [("a", 0), ("b", 1)] {
+            let writes: Vec<&TableWrite> = v.writes.iter().filter(|w| w.table == name).collect();
+            assert_eq!(writes.len(), 1, "one batch for table {name}");
+            let batch = &writes[0].batch;
+            let times = batch
+                .column_by_name(TIME_COLUMN)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+                .unwrap();
+            let want: Vec<i64> = (0..lines)
+                .filter(|i| i % 3 == offset && i + 1 != conflict)
+                .map(|i| i as i64)
+                .collect();
+            assert_eq!(times.values().to_vec(), want, "table {name} keeps line order");
+        }
     }
 
     #[test]

@@ -296,6 +296,7 @@ impl Ingester {
         let validated = self.catalog.validate_for(
             req.db,
             parse_lines(req.body),
+            memchr::memchr_iter(b'\n', req.body).count() + 1,
             req.precision,
             now_ns(),
             req.may_write,
