@@ -918,8 +918,14 @@ mod tests {
         expected_rejected.push(conflict);
         expected_rejected.sort();
         let rejected: Vec<usize> = v.rejected.iter().map(|e| e.line_number).collect();
-        assert_eq!(rejected, expected_rejected, "rejections by line number, sorted");
-        assert!(c.table("db", "secret").is_none(), "no table the writer may not write");
+        assert_eq!(
+            rejected, expected_rejected,
+            "rejections by line number, sorted"
+        );
+        assert!(
+            c.table("db", "secret").is_none(),
+            "no table the writer may not write"
+        );
         assert_eq!(v.lines_accepted, lines - secret.len() - 1);
         for (name, offset) in [("a", 0), ("b", 1)] {
             let writes: Vec<&TableWrite> = v.writes.iter().filter(|w| w.table == name).collect();
@@ -935,7 +941,11 @@ mod tests {
                 .filter(|i| i % 3 == offset && i + 1 != conflict)
                 .map(|i| i as i64)
                 .collect();
-            assert_eq!(times.values().to_vec(), want, "table {name} keeps line order");
+            assert_eq!(
+                times.values().to_vec(),
+                want,
+                "table {name} keeps line order"
+            );
         }
     }
 

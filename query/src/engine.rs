@@ -358,6 +358,9 @@ impl QueryEngine {
         let options = config.options_mut();
         options.execution.parquet.pushdown_filters = self.config.parquet_pushdown_filters;
         options.execution.parquet.reorder_filters = true;
+        // The lake's files carry no bloom filters (the persister writes none); looking for
+        // them costs a lookup per row group and column of every query.
+        options.execution.parquet.bloom_filter_on_read = false;
         let mode = match &self.config.spill_dir {
             Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
             None => DiskManagerMode::OsTmpDirectory,

@@ -18,6 +18,7 @@ pub mod pg_catalog;
 pub mod policy;
 pub mod run_aggregate;
 pub mod sandbox;
+pub mod scan_predicate;
 pub mod table;
 
 pub use engine::{QueryConfig, QueryEngine, QueryError, QueryOptions, QueryStream};

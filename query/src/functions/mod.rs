@@ -25,6 +25,8 @@ pub fn install(builder: SessionStateBuilder, lookback_ns: i64) -> SessionStateBu
         // After the lastpoint rule, which recognises its aggregate by plain tag columns.
         .with_optimizer_rule(Arc::new(crate::group_keys::DictionaryGroupKeys))
         .with_physical_optimizer_rule(Arc::new(crate::run_aggregate::RunAggregation))
+        // After DataFusion's filter pushdown, which repeats the lake scans' own filters.
+        .with_physical_optimizer_rule(Arc::new(crate::scan_predicate::DistinctScanPredicates))
         .with_query_planner(Arc::new(gapfill::HistorianQueryPlanner))
 }
 
