@@ -159,6 +159,9 @@ fn now_ms() -> i64 {
     now_ns() / 1_000_000
 }
 
+/// The most rows a data page of a lake file holds.
+const DATA_PAGE_ROWS: usize = 8_192;
+
 /// The Parquet settings of every file the persister writes: zstd at `zstd_level`,
 /// dictionaries, page statistics (page indexes), and the tags-then-time sort order recorded.
 pub fn writer_props(schema: &arrow::datatypes::Schema, zstd_level: i32) -> WriterProperties {
@@ -183,6 +186,11 @@ pub fn writer_props(schema: &arrow::datatypes::Schema, zstd_level: i32) -> Write
         .set_dictionary_enabled(true)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_sorting_columns(Some(sorting))
+        // Pages of at most 8,192 rows: about one series' day at 10 s, so that a page's
+        // tag min/max mostly name one series and the page index finds a series' rows. The
+        // default (20,000) spans several series, whose names range widely when the page
+        // crosses from one value of an earlier sort column to the next.
+        .set_data_page_row_count_limit(DATA_PAGE_ROWS)
         .set_max_row_group_row_count(Some(1 << 20));
     // Ciphertext is random: every cell is distinct and nothing compresses, and its min/max
     // prune nothing. Dictionary, compression and page statistics would only cost CPU.
@@ -1127,6 +1135,47 @@ mod props_tests {
         assert!(matches!(props.compression(&job), Compression::ZSTD(_)));
         assert!(props.dictionary_enabled(&job));
         assert_eq!(props.statistics_enabled(&job), EnabledStatistics::Page);
+    }
+
+    #[test]
+    fn a_series_day_at_ten_seconds_fills_about_one_page() {
+        use arrow::array::{RecordBatch, StringArray, TimestampNanosecondArray};
+        use parquet::arrow::ArrowWriter;
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        use parquet::file::serialized_reader::ReadOptionsBuilder;
+
+        // Three series of 8,640 rows each, sorted by series and time.
+        let rows = 3 * 8_640;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("host", DataType::Utf8, true),
+            Field::new(TIME_COLUMN, store::ColumnType::Time.data_type(), false),
+        ]));
+        let hosts = StringArray::from_iter_values((0..rows).map(|i| format!("h{}", i / 8_640)));
+        let times = TimestampNanosecondArray::from_iter_values(
+            (0..rows).map(|i| (i % 8_640) as i64 * 10_000_000_000),
+        );
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(hosts), Arc::new(times)]).unwrap();
+        let mut bytes = Vec::new();
+        let props = writer_props(&schema, 3);
+        let mut writer = ArrowWriter::try_new(&mut bytes, schema, Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let options = ReadOptionsBuilder::new().with_page_index().build();
+        let reader =
+            SerializedFileReader::new_with_options(bytes::Bytes::from(bytes), options).unwrap();
+        let pages = &reader.metadata().offset_index().unwrap()[0][0].page_locations;
+        let starts: Vec<i64> = pages.iter().map(|p| p.first_row_index).collect();
+        let mut ends = starts[1..].to_vec();
+        ends.push(rows as i64);
+        for (start, end) in starts.iter().zip(&ends) {
+            assert!(
+                end - start <= DATA_PAGE_ROWS as i64,
+                "page of {} rows",
+                end - start
+            );
+        }
+        assert!(pages.len() >= 4, "{} pages", pages.len());
     }
 }
 
