@@ -18,7 +18,7 @@ RATE="${RATE:-214000}"      # 70 % of the 305,758 rows/s in BENCHMARKS.md
 LOAD_SECONDS="${LOAD_SECONDS:-60}"
 WORK="$(mktemp -d /var/tmp/query-bench.XXXXXX)"
 SERVER_PID=""
-trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
+trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
 URL=http://127.0.0.1:18181
 
 # shellcheck source=tsbs-lake.sh
