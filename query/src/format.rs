@@ -149,6 +149,9 @@ fn json_lines(batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
     Ok(writer.into_inner())
 }
 
+/// Room for an IPC message's header (schema-sized flatbuffer) and padding.
+const IPC_HEADER_ROOM: usize = 4096;
+
 impl Encoder {
     /// Bytes for one batch (possibly none yet).
     pub fn batch(&mut self, batch: &RecordBatch) -> Result<Vec<u8>, ArrowError> {
@@ -174,6 +177,11 @@ impl Encoder {
                 Ok(writer.into_inner())
             }
             State::Arrow(writer) => {
+                // The buffer was handed on with the previous batch: sized for this one
+                // (its arrays plus the message header) it is written without regrowing.
+                writer
+                    .get_mut()
+                    .reserve(batch.get_array_memory_size() + IPC_HEADER_ROOM);
                 writer.write(batch)?;
                 Ok(std::mem::take(writer.get_mut()))
             }
