@@ -45,6 +45,16 @@ impl Default for Limits {
 /// cache between parsing and validation.
 const VALIDATION_CHUNK_LINES: usize = 256;
 
+/// The most rows a batch is sized for before its lines are known: a body of blank or
+/// broken lines after a few good ones must not reserve memory for all of them.
+const MAX_ESTIMATED_ROWS: usize = 1 << 20;
+
+/// The rows to size a table's batch for, from its `table_lines` among the body's first
+/// `lines_read` of `body_lines`: its share of the body so far.
+fn estimated_rows(body_lines: usize, table_lines: usize, lines_read: usize) -> usize {
+    (body_lines.saturating_mul(table_lines) / lines_read.max(1)).min(MAX_ESTIMATED_ROWS)
+}
+
 /// One table of a request while its lines stream through validation.
 struct RequestTable<'a> {
     name: String,
@@ -334,16 +344,19 @@ impl Catalog {
         let mut tables: Vec<RequestTable<'a>> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut last = 0;
-        let mut seen = 0;
+        // The body's lines read so far, blank, comment and refused ones included.
+        let mut read = 0;
         let mut pending = 0;
         for line in lines {
             let line = match line {
                 Ok(l) => l,
                 Err(e) => {
+                    read = read.max(e.line_number);
                     out.rejected.push(e);
                     continue;
                 }
             };
+            read = read.max(line.line_number);
             let at = match tables.get(last) {
                 Some(t) if t.name == line.measurement => last,
                 _ => match index.get(line.measurement.as_ref()) {
@@ -371,20 +384,19 @@ impl Catalog {
             last = at;
             tables[at].lines.push(line);
             tables[at].seen += 1;
-            seen += 1;
             pending += 1;
             if pending == VALIDATION_CHUNK_LINES {
                 for t in &mut tables {
-                    // The table's share of the request so far sizes its batch.
-                    let expected = expected_lines.saturating_mul(t.seen) / seen;
+                    let expected = estimated_rows(expected_lines, t.seen, read);
                     self.validate_chunk(t, expected, precision, now_ns, &mut out, &mut scratch);
                 }
                 pending = 0;
             }
         }
         for mut t in tables {
-            let expected = expected_lines.saturating_mul(t.seen) / seen.max(1);
-            self.validate_chunk(&mut t, expected, precision, now_ns, &mut out, &mut scratch);
+            // Every line is known now: a table first met here is sized exactly.
+            let seen = t.seen;
+            self.validate_chunk(&mut t, seen, precision, now_ns, &mut out, &mut scratch);
             let Ok(table) = t.target else { continue };
             let schema = table.state.lock().schema.clone();
             for (partition, builder) in t.builders {
@@ -947,6 +959,19 @@ mod tests {
                 "table {name} keeps line order"
             );
         }
+    }
+
+    #[test]
+    fn batch_estimates_follow_each_tables_share_within_bounds() {
+        // One table: every line is its.
+        assert_eq!(estimated_rows(10_000, 256, 256), 10_000);
+        // Two tables alternating: half each.
+        assert_eq!(estimated_rows(10_000, 128, 256), 5_000);
+        // A body that is mostly blank or broken lines after the first chunk: capped.
+        assert_eq!(estimated_rows(64 << 20, 256, 256), MAX_ESTIMATED_ROWS);
+        // Blank and refused lines read so far count against the share.
+        assert_eq!(estimated_rows(1_000, 256, 900), 284);
+        assert_eq!(estimated_rows(0, 3, 3), 0);
     }
 
     #[test]
