@@ -178,10 +178,14 @@ impl Encoder {
             }
             State::Arrow(writer) => {
                 // The buffer was handed on with the previous batch: sized for this one
-                // (its arrays plus the message header) it is written without regrowing.
-                writer
-                    .get_mut()
-                    .reserve(batch.get_array_memory_size() + IPC_HEADER_ROOM);
+                // (the bytes its rows use, not the buffers a slice shares with others,
+                // plus the message header) it is written without regrowing.
+                let body: usize = batch
+                    .columns()
+                    .iter()
+                    .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+                    .sum();
+                writer.get_mut().reserve(body + IPC_HEADER_ROOM);
                 writer.write(batch)?;
                 Ok(std::mem::take(writer.get_mut()))
             }
@@ -328,5 +332,27 @@ mod tests {
             .downcast_ref::<Float64Array>()
             .unwrap();
         assert_eq!(values.values(), &[1.5, 2.0]);
+    }
+
+    #[test]
+    fn a_slice_of_a_large_batch_reserves_only_its_own_bytes() {
+        let values = Float64Array::from_iter_values((0..1_000_000).map(f64::from));
+        let big = RecordBatch::try_from_iter(vec![("v", Arc::new(values) as ArrayRef)]).unwrap();
+        let slice = big.slice(500_000, 10);
+        let mut e = OutputFormat::Arrow.encoder(slice.schema()).unwrap();
+        let bytes = e.batch(&slice).unwrap();
+        assert!(
+            bytes.capacity() < 64 << 10,
+            "{} bytes reserved for 10 rows of a batch of 8 MB",
+            bytes.capacity()
+        );
+        let mut stream = e.batch(&slice).unwrap();
+        stream.extend(e.finish().unwrap());
+        let all = [bytes, stream].concat();
+        let read = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(all), None)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(read, vec![slice.clone(), slice]);
     }
 }
