@@ -261,6 +261,8 @@ pub struct QuerySection {
     /// How far before a query's range `time_weighted_avg` looks for each series' held value.
     #[serde(with = "humantime_serde")]
     pub time_weighted_lookback: Duration,
+    /// Memory for the lake files' footers and page indexes, shared by all queries.
+    pub metadata_cache_bytes: usize,
 }
 
 impl Default for QuerySection {
@@ -274,6 +276,7 @@ impl Default for QuerySection {
             spill_dir: None,
             parquet_pushdown_filters: q.parquet_pushdown_filters,
             time_weighted_lookback: q.time_weighted_lookback,
+            metadata_cache_bytes: q.metadata_cache_bytes,
         }
     }
 }
@@ -469,6 +472,7 @@ impl Config {
             ),
             parquet_pushdown_filters: self.query.parquet_pushdown_filters,
             time_weighted_lookback: self.query.time_weighted_lookback,
+            metadata_cache_bytes: self.query.metadata_cache_bytes,
             ..query::QueryConfig::default()
         })
     }
@@ -498,6 +502,17 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.server.pg_bind.as_deref(), Some("0.0.0.0:5432"));
         assert!(c.roles.contains_key("line_viewer"));
+    }
+
+    #[test]
+    fn the_metadata_cache_size_reaches_the_query_engine() {
+        let c: Config = toml::from_str("[query]\nmetadata_cache_bytes = 12345\n").unwrap();
+        assert_eq!(c.query_config().unwrap().metadata_cache_bytes, 12345);
+        let default = Config::default().query_config().unwrap();
+        assert_eq!(
+            default.metadata_cache_bytes,
+            query::QueryConfig::default().metadata_cache_bytes
+        );
     }
 
     #[test]

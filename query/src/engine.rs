@@ -69,6 +69,9 @@ pub struct QueryConfig {
     /// How far before a query's range `time_weighted_avg` looks for the value each series
     /// held when the range began; a series silent for longer starts at its first sample.
     pub time_weighted_lookback: Duration,
+    /// Memory for lake files' footers and page indexes, shared by all queries; past it the
+    /// least recently used are dropped and read again when next needed.
+    pub metadata_cache_bytes: usize,
 }
 
 impl Default for QueryConfig {
@@ -84,6 +87,7 @@ impl Default for QueryConfig {
             spill_dir: None,
             parquet_pushdown_filters: true,
             time_weighted_lookback: Duration::from_secs(24 * 3600),
+            metadata_cache_bytes: 256 << 20,
         }
     }
 }
@@ -305,9 +309,11 @@ impl QueryEngine {
         metrics: Arc<QueryMetrics>,
     ) -> Self {
         let url = Url::parse(LAKE_URL).expect("a valid constant URL");
-        let metadata_cache = CacheManager::try_new(&CacheManagerConfig::default())
-            .map(|m| m.get_file_metadata_cache())
-            .expect("the default cache configuration is valid");
+        let metadata_cache = CacheManager::try_new(
+            &CacheManagerConfig::default().with_metadata_cache_limit(config.metadata_cache_bytes),
+        )
+        .map(|m| m.get_file_metadata_cache())
+        .expect("the default cache configuration is valid");
         let executor = Executor::new(config.target_partitions);
         QueryEngine {
             source,
