@@ -41,8 +41,7 @@ impl Default for Limits {
     }
 }
 
-/// Lines of a request validated together: few enough that their parsed form stays in the
-/// cache between parsing and validation.
+/// Lines of a request validated together: the most parsed lines a request holds at once.
 const VALIDATION_CHUNK_LINES: usize = 256;
 
 /// The most rows a batch is sized for before its lines are known: a body of blank or
@@ -338,9 +337,9 @@ impl Catalog {
         }
         let mut out = ValidatedWrite::default();
         let mut scratch = ProtectScratch::default();
-        // Lines are validated a chunk at a time as they are parsed: a parsed line is used
-        // while it is still in the cache, and the parsed request is never held whole. Each
-        // table is locked once per chunk.
+        // Lines are validated a chunk at a time as they are parsed, so the parsed request is
+        // never held whole (its memory was several times the body's); each table is locked
+        // once per chunk.
         let mut tables: Vec<RequestTable<'a>> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         let mut last = 0;
