@@ -296,6 +296,7 @@ impl Ingester {
         let validated = self.catalog.validate_for(
             req.db,
             parse_lines(req.body),
+            // Lines in the body (the last may end without a newline): sizes the batches.
             memchr::memchr_iter(b'\n', req.body).count() + 1,
             req.precision,
             now_ns(),

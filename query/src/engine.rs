@@ -313,7 +313,7 @@ impl QueryEngine {
             &CacheManagerConfig::default().with_metadata_cache_limit(config.metadata_cache_bytes),
         )
         .map(|m| m.get_file_metadata_cache())
-        .expect("the default cache configuration is valid");
+        .expect("a cache configuration that only sets the metadata limit is valid");
         let executor = Executor::new(config.target_partitions);
         QueryEngine {
             source,
