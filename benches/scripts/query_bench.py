@@ -78,12 +78,13 @@ def historian(url, db, sql, token=None):
     req = urllib.request.Request(f"{url}/api/v3/query_sql", data=body,
                                  headers={"Content-Type": "application/json",
                                           "Authorization": f"Bearer {token}"})
+    # The Arrow stream is decoded as it arrives, as a streaming client does; reading the
+    # whole body first and decoding it after costs 40-50 ms more on a 53 MB result.
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:
-            data = resp.read()
+            return pyarrow.ipc.open_stream(resp).read_all().num_rows
     except urllib.error.HTTPError as e:
         sys.exit(f"{e.code} for {sql!r}: {e.read().decode(errors='replace')}")
-    return pyarrow.ipc.open_stream(data).read_all().num_rows
 
 
 def timed(fn, runs):
