@@ -222,6 +222,9 @@ pub struct PersistSection {
     /// A partition not flushed to for this long is compacted down to one file.
     #[serde(with = "humantime_serde")]
     pub closed_after: Duration,
+    /// OS niceness of the flush and compaction threads (0 = the server's priority, 19 the
+    /// lowest): queries and writes take the CPU first, the persister every idle cycle.
+    pub nice: i32,
 }
 
 impl Default for PersistSection {
@@ -236,9 +239,14 @@ impl Default for PersistSection {
             compaction_max_input_bytes: p.compaction_max_input_bytes,
             deletion_grace: p.deletion_grace,
             closed_after: p.closed_after,
+            nice: DEFAULT_PERSIST_NICE,
         }
     }
 }
+
+/// Flushes and compactions run below queries and writes: 10 gives them about a tenth of a
+/// core's share against a busy thread of the server's own priority.
+const DEFAULT_PERSIST_NICE: i32 = 10;
 
 /// `[query]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -350,6 +358,9 @@ impl Config {
         }
         if self.persist.interval.is_zero() {
             return bad("persist.interval must be positive");
+        }
+        if !(0..=19).contains(&self.persist.nice) {
+            return bad("persist.nice must be between 0 (the server's priority) and 19");
         }
         if self.wal.segment_bytes < 1024 {
             return bad("wal.segment_bytes must be at least 1024");
@@ -513,6 +524,19 @@ mod tests {
             default.metadata_cache_bytes,
             query::QueryConfig::default().metadata_cache_bytes
         );
+    }
+
+    #[test]
+    fn the_persisters_niceness_is_read_and_bounded() {
+        assert_eq!(Config::default().persist.nice, DEFAULT_PERSIST_NICE);
+        let c: Config = toml::from_str("[persist]\nnice = 0\n").unwrap();
+        assert_eq!(c.persist.nice, 0);
+        c.validate().unwrap();
+        for bad in ["-1", "20"] {
+            let c: Config = toml::from_str(&format!("[persist]\nnice = {bad}\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("persist.nice"), "{err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod admin;
 mod audit;
 mod auth;
+mod background;
 mod client;
 mod config;
 mod flight;

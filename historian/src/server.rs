@@ -141,7 +141,9 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
             .with_keyring(keyring.clone()),
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let background = tokio::spawn(ingester.clone().run_background(stop_rx.clone()));
+    let background_runtime = crate::background::BackgroundRuntime::new(config.persist.nice)
+        .map_err(|e| format!("cannot start the persister's threads: {e}"))?;
+    let background = background_runtime.spawn(ingester.clone().run_background(stop_rx.clone()));
     if keyring.is_some() {
         tokio::spawn(run_key_expiry(
             ingester.clone(),
@@ -244,6 +246,7 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
         let _ = pg.await;
     }
     let _ = background.await;
+    drop(background_runtime);
     let _ = shipping.await;
     ingester.shutdown().await?;
     if let Err(e) = audit.ship().await {
