@@ -1,8 +1,8 @@
 //! The persister's threads: flushes and compactions sort, merge and encode Parquet, work
 //! that can keep a core busy for seconds and only has to keep up on average (the write
-//! buffer holds what waits). On threads of their own, at a lower OS priority, they neither
-//! hold up the server's runtime (requests, result streaming, the accept loops) nor take
-//! the CPU from queries and writes when those need it; they get every idle cycle.
+//! buffer holds what waits). On threads of their own they do not hold up the server's
+//! runtime (requests, result streaming, the accept loops); at a lower OS priority
+//! (`persist.nice`) they also leave the CPU to queries and writes when those need it.
 
 use std::future::Future;
 
@@ -68,15 +68,25 @@ fn lower_priority(nice: i32) {
             libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0
         };
         if failed {
+            // Read before anything else can overwrite errno.
+            let error = std::io::Error::last_os_error();
             tracing::warn!(
                 nice,
-                error = %std::io::Error::last_os_error(),
+                %error,
                 "cannot lower the persister's thread priority; it runs at the server's"
             );
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = nice;
+    if nice > 0 {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                nice,
+                "persist.nice is applied on Linux only; the persister runs at the server's priority"
+            );
+        });
+    }
 }
 
 /// The calling thread's niceness.

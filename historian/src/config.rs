@@ -223,7 +223,7 @@ pub struct PersistSection {
     #[serde(with = "humantime_serde")]
     pub closed_after: Duration,
     /// OS niceness of the flush and compaction threads (0 = the server's priority, 19 the
-    /// lowest): queries and writes take the CPU first, the persister every idle cycle.
+    /// lowest): above 0, queries and writes take the CPU first.
     pub nice: i32,
 }
 
@@ -244,9 +244,10 @@ impl Default for PersistSection {
     }
 }
 
-/// Flushes and compactions run below queries and writes: 10 gives them about a tenth of a
-/// core's share against a busy thread of the server's own priority.
-const DEFAULT_PERSIST_NICE: i32 = 10;
+/// Flushes and compactions run at the server's priority unless configured lower: below
+/// it, a CPU kept busy by queries starves them, and writers then get 503 and an erasure
+/// waits for the compaction it must follow.
+const DEFAULT_PERSIST_NICE: i32 = 0;
 
 /// `[query]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -529,8 +530,8 @@ mod tests {
     #[test]
     fn the_persisters_niceness_is_read_and_bounded() {
         assert_eq!(Config::default().persist.nice, DEFAULT_PERSIST_NICE);
-        let c: Config = toml::from_str("[persist]\nnice = 0\n").unwrap();
-        assert_eq!(c.persist.nice, 0);
+        let c: Config = toml::from_str("[persist]\nnice = 12\n").unwrap();
+        assert_eq!(c.persist.nice, 12);
         c.validate().unwrap();
         for bad in ["-1", "20"] {
             let c: Config = toml::from_str(&format!("[persist]\nnice = {bad}\n")).unwrap();

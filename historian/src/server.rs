@@ -246,9 +246,11 @@ pub async fn serve(config: Config, without_auth: bool) -> Result<(), Box<dyn std
         let _ = pg.await;
     }
     let _ = background.await;
-    drop(background_runtime);
     let _ = shipping.await;
     ingester.shutdown().await?;
+    // Only now: the final flush may reuse object-store connections whose tasks live on the
+    // persister's runtime.
+    drop(background_runtime);
     if let Err(e) = audit.ship().await {
         tracing::error!(error = %e, "could not ship the last audit records; they stay pending locally");
     }

@@ -527,7 +527,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 /// The niceness of each of the process's threads whose name starts with `prefix` (Linux:
-/// `/proc/<pid>/task/<tid>/stat`, field 19, counted after the parenthesised name).
+/// `/proc/<pid>/task/<tid>/stat`, field 19, counted after the parenthesised name). Threads
+/// that end while they are read are skipped.
 #[cfg(target_os = "linux")]
 fn thread_niceness(pid: u32, prefix: &str) -> Vec<i32> {
     let mut nice = Vec::new();
@@ -535,22 +536,29 @@ fn thread_niceness(pid: u32, prefix: &str) -> Vec<i32> {
         .unwrap()
         .flatten()
     {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with(prefix) {
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
             continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        if comm.starts_with(prefix) {
+            nice.push(niceness_in_stat(&stat));
         }
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        // Fields from the third (state) on: niceness is the 19th field, the 17th here.
-        let value = after_name.split(' ').nth(16).unwrap();
-        nice.push(value.parse().unwrap());
     }
     nice
 }
 
+/// The niceness in a `stat` line: from the third field (state) on, it is the 17th.
+#[cfg(target_os = "linux")]
+fn niceness_in_stat(stat: &str) -> i32 {
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
 #[cfg(target_os = "linux")]
 #[tokio::test]
-async fn the_persister_flushes_on_its_own_threads_at_the_configured_niceness() {
+async fn persister_threads_run_at_the_configured_niceness_and_flush() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(
         dir.path(),
@@ -560,23 +568,25 @@ async fn the_persister_flushes_on_its_own_threads_at_the_configured_niceness() {
     let url = server.url("/api/v3/write_lp?db=d&precision=ns");
     assert_eq!(post(&c, &url, "m,h=a v=1 1\n").await.0, 204);
     let manifests = server.lake().join("databases/d/manifest/m");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let has_manifest = || {
         std::fs::read_dir(&manifests).is_ok_and(|d| {
             d.flatten()
                 .any(|e| e.path().extension().is_some_and(|x| x == "json"))
         })
     };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !has_manifest() || live_files(&server.lake(), "d", "m").is_empty() {
         assert!(std::time::Instant::now() < deadline, "no flush");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The server's main thread has the niceness it started with.
+    let base =
+        niceness_in_stat(&std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap());
     let persist = thread_niceness(server.pid(), "historian-persi");
     assert!(!persist.is_empty(), "no persister threads");
-    let base = thread_niceness(std::process::id(), "")[0];
     assert!(
         persist.iter().all(|n| *n == base.max(7)),
-        "persister threads at {persist:?}, the test at {base}"
+        "persister threads at {persist:?}, the server at {base}"
     );
     let query = thread_niceness(server.pid(), "historian-query");
     assert!(
