@@ -409,13 +409,31 @@ pub async fn erase_handler(
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    let erased = s.ingester.erase_subject(&req.subject).await;
     let mut event = caller.event("subject_erase", "http");
     event.subject = Some(req.subject.clone());
-    if let Err(e) = &erased {
-        event.fields.outcome = format!("error: {e}");
-    }
-    s.audit.record(event).await;
+    // The keys go first and the purge and the audit record must follow even if the client
+    // gives up meanwhile (a dropped handler would stop between them): the erasure runs as
+    // a task of its own, which the handler only waits for.
+    let state = s.clone();
+    let erasure = tokio::spawn(async move {
+        let erased = state.ingester.erase_subject(&req.subject).await;
+        if let Err(e) = &erased {
+            event.fields.outcome = format!("error: {e}");
+        }
+        state.audit.record(event).await;
+        erased
+    });
+    let erased = match erasure.await {
+        Ok(erased) => erased,
+        Err(e) => {
+            tracing::error!(error = %e, "the erasure task failed");
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"error": "the erasure failed; see the server log"})),
+            )
+                .into_response();
+        }
+    };
     match erased {
         Ok(receipt) => axum::Json(json!({"receipt": receipt})).into_response(),
         Err(ingest::EraseError::NoKeyring) => failure(SubjectError::NoProfiles),

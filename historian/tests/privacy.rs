@@ -578,6 +578,78 @@ async fn erasure_hides_rows_by_deletion_vectors_until_compaction_rewrites_the_fi
     assert_eq!(export(&server, "E-STAYS").await.len(), 30);
 }
 
+#[tokio::test]
+async fn an_erasure_whose_client_gives_up_still_purges_and_is_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = profile_config("");
+    common::init_keyring(&data, &config);
+    let mut server = Server::start(&data, &config);
+    let t0 = (now_ns() / DAY - 2) * DAY;
+    let body: String = (0..20i64)
+        .map(|i| {
+            let who = if i % 4 == 0 { "E-LEAVES" } else { "E-STAYS" };
+            format!(
+                "mes_event,line=L1,machine=M1,event=login operator_id=\"{who}\",operator_name=\"Name {who}\" {}\n",
+                t0 + i * 3600 * SEC
+            )
+        })
+        .collect();
+    write_all(&server, &[body.into_bytes()]).await;
+    // In Parquet first; then the purge after the keys waits 1.5 s.
+    server.restart_graceful();
+    server.restart_with_env(&[("HISTORIAN_DELAY", "erase_purge:1500")]);
+    assert_eq!(count(&server, "mes_event").await, 20);
+
+    let impatient = common::authed(
+        reqwest::Client::builder().timeout(Duration::from_millis(300)),
+        &server.token_for("dpo", &[]),
+    );
+    let gave_up = impatient
+        .post(server.url("/api/v3/subjects/erase"))
+        .header("content-type", "application/json")
+        .body(json!({"subject": "E-LEAVES"}).to_string())
+        .send()
+        .await;
+    assert!(
+        gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+        "the client gave up before the purge: {gave_up:?}"
+    );
+
+    // The erasure goes on without its client: the rows are hidden and the erasure is in the
+    // audit log.
+    let auditor = server.client_as(&server.token_for("auditor", &[]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let remaining = count(&server, "mes_event").await;
+        let answer = auditor
+            .get(server.url("/api/v3/query_sql"))
+            .query(&[
+                ("db", "plant"),
+                (
+                    "q",
+                    "SELECT outcome FROM audit_log WHERE kind = 'subject_erase'",
+                ),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let audited: Value = serde_json::from_str(&answer.text().await.unwrap()).unwrap();
+        if remaining == 15 && audited.as_array().is_some_and(|a| !a.is_empty()) {
+            assert_eq!(audited, json!([{"outcome": "ok"}]));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{remaining} rows left, audit records {audited}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(export(&server, "E-LEAVES").await.is_empty());
+    assert_eq!(export(&server, "E-STAYS").await.len(), 15);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn export_reads_only_the_files_whose_key_bitmaps_name_the_subject() {
     let dir = tempfile::tempdir().unwrap();

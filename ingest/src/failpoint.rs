@@ -38,3 +38,19 @@ pub fn hit(name: &str) {
         std::process::abort();
     }
 }
+
+/// `HISTORIAN_DELAY=<name>:<ms>` makes the named point wait that long, for the tests of
+/// work that must finish after its client has gone. Unset, a pass costs one load.
+pub async fn delay(name: &str) {
+    static DELAY: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    let armed = DELAY.get_or_init(|| {
+        let spec = std::env::var("HISTORIAN_DELAY").ok()?;
+        let (name, ms) = spec.split_once(':')?;
+        Some((name.to_string(), ms.parse().ok()?))
+    });
+    if let Some((armed, ms)) = armed
+        && armed == name
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+    }
+}

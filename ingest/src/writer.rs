@@ -403,6 +403,7 @@ impl Ingester {
             "subject erased: keys destroyed"
         );
         self.persister.set_erased(keyring.erased_key_ids());
+        crate::failpoint::delay("erase_purge").await;
         let files_with_deletion_vectors = self.purge_erased().await?;
         Ok(ErasureReceipt {
             requested_ns,
