@@ -62,11 +62,8 @@ fn lower_priority(nice: i32) {
         if niceness() >= nice {
             return;
         }
-        // SAFETY: gettid and setpriority take no pointers; they only read their arguments.
-        let failed = unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, nice) != 0
-        };
+        // SAFETY: setpriority takes no pointers; it only reads its arguments.
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, thread_id(), nice) != 0 };
         if failed {
             // Read before anything else can overwrite errno.
             let error = std::io::Error::last_os_error();
@@ -92,11 +89,15 @@ fn lower_priority(nice: i32) {
 /// The calling thread's niceness.
 #[cfg(target_os = "linux")]
 fn niceness() -> i32 {
-    // SAFETY: gettid and getpriority take no pointers; they only read their arguments.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::getpriority(libc::PRIO_PROCESS, tid)
-    }
+    // SAFETY: getpriority takes no pointers; it only reads its arguments.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, thread_id()) }
+}
+
+/// The calling thread's id, which Linux's priority calls take for one thread.
+#[cfg(target_os = "linux")]
+fn thread_id() -> libc::id_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -317,13 +317,7 @@ async fn late_rows_land_in_their_own_partition_without_rewriting_old_files() {
     let now = now_ns();
     let url = server.url("/api/v3/write_lp?db=late&precision=ns");
     assert_eq!(post(&c, &url, format!("m,host=a v=1 {now}")).await.0, 204);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !server.lake().join("databases/late/manifest/m").exists()
-        || live_files(&server.lake(), "late", "m").is_empty()
-    {
-        assert!(std::time::Instant::now() < deadline, "no flush");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for_files(&server, "late", "m", 1).await;
     let first = live_files(&server.lake(), "late", "m");
     let first_meta = std::fs::metadata(&first[0]).unwrap().modified().unwrap();
     // Three days late.

@@ -196,6 +196,22 @@ async fn write_all(server: &Server, bodies: &[Vec<u8>]) {
     }
 }
 
+/// `rows` logins an hour apart from `t0` on machines M0-M2: every fourth by `leaving`, the
+/// others by E-STAYS.
+fn hourly_logins(t0: i64, rows: i64, leaving: &str) -> Vec<u8> {
+    (0..rows)
+        .map(|i| {
+            let who = if i % 4 == 0 { leaving } else { "E-STAYS" };
+            format!(
+                "mes_event,line=L1,machine=M{},event=login operator_id=\"{who}\",operator_name=\"Name {who}\" {}\n",
+                i % 3,
+                t0 + i * 3600 * SEC
+            )
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
 async fn count(server: &Server, table: &str) -> i64 {
     rows(
         server,
@@ -491,17 +507,7 @@ async fn erasure_hides_rows_by_deletion_vectors_until_compaction_rewrites_the_fi
     common::init_keyring(&data, &idle);
     let mut server = Server::start(&data, &idle);
     let t0 = (now_ns() / DAY - 2) * DAY;
-    let body: String = (0..40i64)
-        .map(|i| {
-            let who = if i % 4 == 0 { "E-GONE" } else { "E-STAYS" };
-            format!(
-                "mes_event,line=L1,machine=M{},event=login operator_id=\"{who}\",operator_name=\"Name {who}\" {}\n",
-                i % 3,
-                t0 + i * 3600 * SEC
-            )
-        })
-        .collect();
-    write_all(&server, &[body.into_bytes()]).await;
+    write_all(&server, &[hourly_logins(t0, 40, "E-GONE")]).await;
     // A graceful stop flushes the buffer: the rows are in Parquet before the erasure.
     server.restart_graceful();
     let lake = server.lake();
@@ -586,16 +592,7 @@ async fn an_erasure_whose_client_gives_up_still_purges_and_is_audited() {
     common::init_keyring(&data, &config);
     let mut server = Server::start(&data, &config);
     let t0 = (now_ns() / DAY - 2) * DAY;
-    let body: String = (0..20i64)
-        .map(|i| {
-            let who = if i % 4 == 0 { "E-LEAVES" } else { "E-STAYS" };
-            format!(
-                "mes_event,line=L1,machine=M1,event=login operator_id=\"{who}\",operator_name=\"Name {who}\" {}\n",
-                t0 + i * 3600 * SEC
-            )
-        })
-        .collect();
-    write_all(&server, &[body.into_bytes()]).await;
+    write_all(&server, &[hourly_logins(t0, 20, "E-LEAVES")]).await;
     // In Parquet first; then the purge after the keys waits 1.5 s.
     server.restart_graceful();
     server.restart_with_env(&[("HISTORIAN_DELAY", "erase_purge:1500")]);

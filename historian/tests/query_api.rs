@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Server, live_files, post, query, rows};
+use common::{Server, post, query, rows};
 use serde_json::{Value, json};
 
 fn now_ns() -> i64 {
@@ -32,23 +32,6 @@ async fn write(server: &Server, db: &str, body: String) {
 async fn physical_plan(server: &Server, sql: &str) -> String {
     let plan = rows(server, "db", &format!("EXPLAIN {sql}")).await;
     plan[1]["plan"].as_str().unwrap().to_string()
-}
-
-async fn wait_for_files(server: &Server, db: &str, table: &str, at_least: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let dir = server
-            .lake()
-            .join("databases")
-            .join(db)
-            .join("manifest")
-            .join(table);
-        if dir.exists() && live_files(&server.lake(), db, table).len() >= at_least {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no flush of {db}.{table}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 const FLUSH_FAST: &str = r#"
@@ -290,7 +273,7 @@ async fn last_write_wins_across_buffer_and_files() {
         format!("m,host=a x=1,y=10 {t}\nm,host=b x=5 {t}\n"),
     )
     .await;
-    wait_for_files(&server, "db", "m", 1).await;
+    common::wait_for_files(&server, "db", "m", 1).await;
     // A resend of the same point with a new x: in the buffer, while the old is in a file.
     write(&server, "db", format!("m,host=a x=2 {t}\n")).await;
     let r = rows(&server, "db", "SELECT host, x, y FROM m ORDER BY host").await;
@@ -302,7 +285,7 @@ async fn last_write_wins_across_buffer_and_files() {
         ]
     );
     // Now both versions are in overlapping files.
-    wait_for_files(&server, "db", "m", 2).await;
+    common::wait_for_files(&server, "db", "m", 2).await;
     let r = rows(&server, "db", "SELECT host, x, y FROM m ORDER BY host").await;
     assert_eq!(
         r,

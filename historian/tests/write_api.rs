@@ -567,18 +567,7 @@ async fn persister_threads_run_at_the_configured_niceness_and_flush() {
     let c = server.client();
     let url = server.url("/api/v3/write_lp?db=d&precision=ns");
     assert_eq!(post(&c, &url, "m,h=a v=1 1\n").await.0, 204);
-    let manifests = server.lake().join("databases/d/manifest/m");
-    let has_manifest = || {
-        std::fs::read_dir(&manifests).is_ok_and(|d| {
-            d.flatten()
-                .any(|e| e.path().extension().is_some_and(|x| x == "json"))
-        })
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !has_manifest() || live_files(&server.lake(), "d", "m").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no flush");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    common::wait_for_files(&server, "d", "m", 1).await;
     // The server's main thread has the niceness it started with.
     let base =
         niceness_in_stat(&std::fs::read_to_string(format!("/proc/{}/stat", server.pid())).unwrap());

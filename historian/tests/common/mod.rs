@@ -337,6 +337,28 @@ pub fn live_files(lake: &Path, db: &str, table: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Waits (up to 20 s) until a table's latest manifest lists at least `at_least` files: the
+/// persister has flushed. The manifest directory exists before its first version is in it.
+pub async fn wait_for_files(server: &Server, db: &str, table: &str, at_least: usize) {
+    let dir = server
+        .lake()
+        .join("databases")
+        .join(db)
+        .join("manifest")
+        .join(table);
+    let has_version = || {
+        std::fs::read_dir(&dir).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !has_version() || live_files(&server.lake(), db, table).len() < at_least {
+        assert!(Instant::now() < deadline, "no flush of {db}.{table}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Reads all record batches of a Parquet file.
 pub fn read_parquet(path: &Path) -> Vec<arrow::record_batch::RecordBatch> {
     let file = std::fs::File::open(path).unwrap();
