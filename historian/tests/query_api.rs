@@ -475,6 +475,52 @@ async fn an_error_after_the_first_batch_aborts_the_response() {
     );
 }
 
+/// The entries of the spill directory.
+fn spill_entries(server: &Server) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(server.data_dir.join("spill"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_sort_larger_than_the_memory_limit_spills_into_one_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 MiB: DataFusion keeps 10 MiB for merging the spilled runs, so the 24 MB of keys
+    // of three million rows must go to disk.
+    let server = Server::start(dir.path(), "[query]\nmemory_limit_bytes = 16777216\n");
+    write(&server, "db", format!("m,host=a v=1 {}\n", now_ns())).await;
+    let working = spill_entries(&server);
+    assert_eq!(working.len(), 1, "one working directory: {working:?}");
+
+    for _ in 0..2 {
+        let (status, _, body) = query(
+            &server,
+            "db",
+            "SELECT value FROM generate_series(1, 3000000) AS t(value) ORDER BY value DESC",
+            "csv",
+        )
+        .await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 200, "{}", &text[..text.len().min(500)]);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("value"));
+        assert_eq!(lines.next(), Some("3000000"));
+        assert_eq!(lines.clone().count(), 2_999_999);
+        assert_eq!(lines.last(), Some("1"));
+    }
+    // Queries share the server's working directory; their spill files go with them.
+    assert_eq!(spill_entries(&server), working);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let files: Vec<_> = std::fs::read_dir(&working[0]).unwrap().flatten().collect();
+        if files.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "spill files left: {files:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn memory_time_and_concurrency_limits_answer_cleanly() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,7 +21,7 @@ use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::cache::cache_manager::{
     CacheManager, CacheManagerConfig, FileMetadataCache,
 };
-use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::disk_manager::{DiskManager, DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -178,6 +178,12 @@ pub struct QueryEngine {
     /// Parquet footers and page indexes, shared by all queries: files are immutable and
     /// their paths never reused, so an entry never goes stale.
     metadata_cache: Arc<FileMetadataCache>,
+    /// Where queries spill, shared by all of them: one working directory for the server's
+    /// life instead of one created and removed per query (two file-system operations on
+    /// the path of every query, about 5 % of a small query's CPU), and one bound on the
+    /// spilled bytes of all queries together. The error, if the directory could not be
+    /// made, is each query's.
+    disk_manager: Result<Arc<DiskManager>, String>,
     registry: Arc<LakeOnlyRegistry>,
     config: QueryConfig,
     slots: Arc<Semaphore>,
@@ -315,9 +321,19 @@ impl QueryEngine {
         .map(|m| m.get_file_metadata_cache())
         .expect("a cache configuration that only sets the metadata limit is valid");
         let executor = Executor::new(config.target_partitions);
+        let mode = match &config.spill_dir {
+            Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
+            None => DiskManagerMode::OsTmpDirectory,
+        };
+        let disk_manager = DiskManagerBuilder::default()
+            .with_mode(mode)
+            .build()
+            .map(Arc::new)
+            .map_err(|e| format!("no spill directory: {}", e.strip_backtrace()));
         QueryEngine {
             source,
             metadata_cache,
+            disk_manager,
             registry: Arc::new(LakeOnlyRegistry { url, store: lake }),
             slots: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             config,
@@ -367,20 +383,21 @@ impl QueryEngine {
         // The lake's files carry no bloom filters (the persister writes none); looking for
         // them costs a lookup per row group and column of every query.
         options.execution.parquet.bloom_filter_on_read = false;
-        let mode = match &self.config.spill_dir {
-            Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
-            None => DiskManagerMode::OsTmpDirectory,
-        };
-        let runtime = RuntimeEnvBuilder::new()
+        let mut runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(self.config.memory_limit_bytes)))
             .with_object_store_registry(self.registry.clone())
-            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
+            // The engine's own disk manager replaces this one, which creates nothing.
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
             .with_cache_manager(
                 CacheManagerConfig::default()
                     .with_file_metadata_cache(Some(self.metadata_cache.clone())),
             )
-            .build_arc()
+            .build()
             .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
+        runtime.disk_manager = self.disk_manager.clone().map_err(QueryError::Internal)?;
+        let runtime = Arc::new(runtime);
         let lake_url = ObjectStoreUrl::parse(LAKE_URL).expect("a valid constant URL");
         let policy = seen
             .policy
