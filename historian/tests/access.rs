@@ -18,8 +18,7 @@ fn start(dir: &Path) -> Server {
 
 fn start_with(dir: &Path, config: &str) -> Server {
     let data = dir.join("data");
-    common::init_keyring(&data, config);
-    Server::start(&data, config)
+    Server::start_with_keyring(&data, config)
 }
 
 /// Runs `sql` as `client`: the status and the JSON rows (or the error body).

@@ -55,8 +55,7 @@ fn base_ns() -> i64 {
 
 fn start(dir: &Path, config: &str) -> Server {
     let data = dir.join("data");
-    common::init_keyring(&data, config);
-    Server::start(&data, config)
+    Server::start_with_keyring(&data, config)
 }
 
 async fn load(server: &Server) -> i64 {

@@ -210,8 +210,7 @@ async fn every_dashboard_panel_answers_as_its_data_source_role() {
     server_section.remove("data_dir");
     let config = toml::to_string(&config).unwrap();
     let data = dir.path().join("data");
-    common::init_keyring(&data, &config);
-    let server = Server::start(&data, &config);
+    let server = Server::start_with_keyring(&data, &config);
 
     // An hour of the demo generator's data, as the generator service writes it.
     let start = chrono::Utc::now() - chrono::Duration::minutes(50);

@@ -9,8 +9,7 @@ use serde_json::Value;
 
 fn start(dir: &std::path::Path) -> Server {
     let data = dir.join("data");
-    common::init_keyring(&data, common::policy::CONFIG);
-    Server::start(&data, common::policy::CONFIG)
+    Server::start_with_keyring(&data, common::policy::CONFIG)
 }
 
 /// Every query of the suite and the refusals; the script prints `{query: answer}`.

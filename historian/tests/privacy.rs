@@ -245,8 +245,7 @@ async fn personal_data_is_never_stored_in_clear_and_erasure_reaches_every_copy()
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = profile_config("");
-    common::init_keyring(&data, &config);
-    let mut server = Server::start(&data, &config);
+    let mut server = Server::start_with_keyring(&data, &config);
     let start = (now_ns() / DAY - 3) * DAY;
     let (bodies, events) = generate(start);
     write_all(&server, &bodies).await;
@@ -504,8 +503,7 @@ async fn erasure_hides_rows_by_deletion_vectors_until_compaction_rewrites_the_fi
     let data = dir.path().join("data");
     // Maintenance runs once at start, then not for an hour: the vectors stay in place.
     let idle = profile_config("").replace("interval = \"200ms\"", "interval = \"1h\"");
-    common::init_keyring(&data, &idle);
-    let mut server = Server::start(&data, &idle);
+    let mut server = Server::start_with_keyring(&data, &idle);
     let t0 = (now_ns() / DAY - 2) * DAY;
     write_all(&server, &[hourly_logins(t0, 40, "E-GONE")]).await;
     // A graceful stop flushes the buffer: the rows are in Parquet before the erasure.
@@ -589,8 +587,7 @@ async fn an_erasure_whose_client_gives_up_still_purges_and_is_audited() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = profile_config("");
-    common::init_keyring(&data, &config);
-    let mut server = Server::start(&data, &config);
+    let mut server = Server::start_with_keyring(&data, &config);
     let t0 = (now_ns() / DAY - 2) * DAY;
     write_all(&server, &[hourly_logins(t0, 20, "E-LEAVES")]).await;
     // In Parquet first; then the purge after the keys waits 1.5 s.
@@ -652,8 +649,7 @@ async fn export_reads_only_the_files_whose_key_bitmaps_name_the_subject() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = profile_config("");
-    common::init_keyring(&data, &config);
-    let mut server = Server::start(&data, &config);
+    let mut server = Server::start_with_keyring(&data, &config);
     let day = (now_ns() / DAY - 2) * DAY;
     // Anna works on the first day, Bert on the second: one file each.
     let body = format!(
@@ -695,8 +691,7 @@ async fn personal_ttl_hides_cells_at_once_and_destroys_expired_keys() {
         "[tables.mes_event]\npartition = \"day\"",
         "[tables.mes_event]\npartition = \"day\"\nttl = \"3650d\"\npersonal_ttl = \"30d\"\nkey_period = \"day\"",
     );
-    common::init_keyring(&data, &config);
-    let mut server = Server::start(&data, &config);
+    let mut server = Server::start_with_keyring(&data, &config);
     let now = now_ns();
     // The same person 60 days ago (a key period wholly past personal_ttl), just past
     // personal_ttl (in a key period that ends after the horizon, so its key lives), and an
@@ -775,10 +770,9 @@ async fn keyring_backup_restore_rotation_and_master_key_checks() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = profile_config("");
-    common::init_keyring(&data, &config);
+    let mut server = Server::start_with_keyring(&data, &config);
     let config_path = data.join("historian.toml");
     let config_arg = config_path.to_str().unwrap();
-    let mut server = Server::start(&data, &config);
     let now = now_ns();
     let body = format!(
         "mes_event,line=L1,event=login operator_id=\"E-A\",operator_name=\"Ann A\" {now}\n\

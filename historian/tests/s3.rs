@@ -793,8 +793,7 @@ columns = ["line", "event", "job_id"]
 operator_id = ["operator_name", "badge_id"]
 "#;
     let cfg = config(&moto.endpoint, bucket, "plant", profile);
-    common::init_keyring(&data, &cfg);
-    let mut server = Server::start(&data, &cfg);
+    let mut server = Server::start_with_keyring(&data, &cfg);
     let client = server.client();
     let t0 = today() - 2 * DAY_NS;
     let mut body = String::new();

@@ -26,7 +26,7 @@ pub struct Server {
 /// Writes `config` to `<data_dir>/historian.toml` and runs `historian keys init` on it
 /// (master key and keyring), as an operator does before the first start of a server with
 /// privacy profiles.
-pub fn init_keyring(data_dir: &Path, config: &str) {
+fn init_keyring(data_dir: &Path, config: &str) {
     std::fs::create_dir_all(data_dir).unwrap();
     std::fs::write(data_dir.join("historian.toml"), config).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_historian"))
@@ -70,6 +70,13 @@ impl Server {
     /// Starts a server with `config` (TOML) in `data_dir`.
     pub fn start(data_dir: &Path, config: &str) -> Server {
         Self::start_with_env(data_dir, config, &[])
+    }
+
+    /// Starts a server with `config` in `data_dir` after `historian keys init` made its
+    /// keyring (tables with a privacy profile need one).
+    pub fn start_with_keyring(data_dir: &Path, config: &str) -> Server {
+        init_keyring(data_dir, config);
+        Self::start(data_dir, config)
     }
 
     /// Starts a server with extra environment variables (e.g. failpoints).
