@@ -383,21 +383,18 @@ impl QueryEngine {
         // The lake's files carry no bloom filters (the persister writes none); looking for
         // them costs a lookup per row group and column of every query.
         options.execution.parquet.bloom_filter_on_read = false;
-        let mut runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(FairSpillPool::new(self.config.memory_limit_bytes)))
-            .with_object_store_registry(self.registry.clone())
-            // The engine's own disk manager replaces this one, which creates nothing.
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            )
-            .with_cache_manager(
-                CacheManagerConfig::default()
-                    .with_file_metadata_cache(Some(self.metadata_cache.clone())),
-            )
-            .build()
-            .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
-        runtime.disk_manager = self.disk_manager.clone().map_err(QueryError::Internal)?;
-        let runtime = Arc::new(runtime);
+        let runtime = RuntimeEnvBuilder {
+            disk_manager: Some(self.disk_manager.clone().map_err(QueryError::Internal)?),
+            ..RuntimeEnvBuilder::new()
+        }
+        .with_memory_pool(Arc::new(FairSpillPool::new(self.config.memory_limit_bytes)))
+        .with_object_store_registry(self.registry.clone())
+        .with_cache_manager(
+            CacheManagerConfig::default()
+                .with_file_metadata_cache(Some(self.metadata_cache.clone())),
+        )
+        .build_arc()
+        .map_err(|e| QueryError::Internal(e.strip_backtrace()))?;
         let lake_url = ObjectStoreUrl::parse(LAKE_URL).expect("a valid constant URL");
         let policy = seen
             .policy
