@@ -272,6 +272,10 @@ pub struct QuerySection {
     pub time_weighted_lookback: Duration,
     /// Memory for the lake files' footers and page indexes, shared by all queries.
     pub metadata_cache_bytes: usize,
+    /// Threads queries compute on; 0 = one per core.
+    pub threads: usize,
+    /// Partitions each query is split into; 0 = twice the query threads.
+    pub partitions: usize,
 }
 
 impl Default for QuerySection {
@@ -286,6 +290,8 @@ impl Default for QuerySection {
             parquet_pushdown_filters: q.parquet_pushdown_filters,
             time_weighted_lookback: q.time_weighted_lookback,
             metadata_cache_bytes: q.metadata_cache_bytes,
+            threads: 0,
+            partitions: 0,
         }
     }
 }
@@ -471,6 +477,15 @@ impl Config {
     /// The query engine's settings.
     pub fn query_config(&self) -> Result<query::QueryConfig, ConfigError> {
         let data_dir = absolute(&self.server.data_dir)?;
+        let defaults = query::QueryConfig::default();
+        let threads = match self.query.threads {
+            0 => defaults.threads,
+            n => n,
+        };
+        let target_partitions = match self.query.partitions {
+            0 => query::PARTITIONS_PER_THREAD * threads,
+            n => n,
+        };
         Ok(query::QueryConfig {
             memory_limit_bytes: self.query.memory_limit_bytes,
             timeout: self.query.timeout,
@@ -485,7 +500,8 @@ impl Config {
             parquet_pushdown_filters: self.query.parquet_pushdown_filters,
             time_weighted_lookback: self.query.time_weighted_lookback,
             metadata_cache_bytes: self.query.metadata_cache_bytes,
-            ..query::QueryConfig::default()
+            threads,
+            target_partitions,
         })
     }
 }
@@ -525,6 +541,20 @@ mod tests {
             default.metadata_cache_bytes,
             query::QueryConfig::default().metadata_cache_bytes
         );
+    }
+
+    #[test]
+    fn query_threads_and_partitions_default_to_cores_and_twice_the_threads() {
+        let default = Config::default().query_config().unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(default.threads, cores);
+        assert_eq!(default.target_partitions, 2 * cores);
+        let c: Config = toml::from_str("[query]\nthreads = 3\n").unwrap();
+        let q = c.query_config().unwrap();
+        assert_eq!((q.threads, q.target_partitions), (3, 6));
+        let c: Config = toml::from_str("[query]\nthreads = 3\npartitions = 5\n").unwrap();
+        let q = c.query_config().unwrap();
+        assert_eq!((q.threads, q.target_partitions), (3, 5));
     }
 
     #[test]

@@ -522,6 +522,36 @@ async fn a_sort_larger_than_the_memory_limit_spills_into_one_working_directory()
 }
 
 #[tokio::test]
+async fn a_query_is_split_into_the_configured_partitions_and_answers_alike() {
+    let t = now_ns();
+    let lines: String = (0..3000)
+        .map(|i| format!("m,line=L{} v={i} {}\n", i % 3, t + i))
+        .collect();
+    let mut answers = Vec::new();
+    for (config, partitions) in [("threads = 1\npartitions = 3", 3), ("threads = 2", 4)] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(dir.path(), &format!("[query]\n{config}\n"));
+        write(&server, "db", lines.clone()).await;
+        let sql = "SELECT line, count(*) AS n, sum(v) AS s FROM m GROUP BY line ORDER BY line";
+        let plan = physical_plan(&server, sql).await;
+        // The buffer's one partition is spread over the configured number.
+        assert!(
+            plan.contains(&format!("RoundRobinBatch({partitions})")),
+            "{config}: {plan}"
+        );
+        answers.push(rows(&server, "db", sql).await);
+    }
+    assert_eq!(answers[0], answers[1]);
+    let expected: Vec<Value> = (0..3)
+        .map(|l| {
+            let sum: i64 = (0..3000).filter(|i| i % 3 == l).sum();
+            json!({"line": format!("L{l}"), "n": 1000, "s": sum as f64})
+        })
+        .collect();
+    assert_eq!(answers[0], expected);
+}
+
+#[tokio::test]
 async fn memory_time_and_concurrency_limits_answer_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(

@@ -59,7 +59,13 @@ pub struct QueryConfig {
     pub max_concurrent: usize,
     /// How long a query waits for a slot.
     pub queue_timeout: Duration,
-    /// Parallelism within one query.
+    /// The threads queries compute on (apart from the server's).
+    pub threads: usize,
+    /// The partitions one query's plan is split into. More than `threads` lets a thread
+    /// whose partitions are done take another: a scan is split by byte ranges before
+    /// row groups and pages are pruned and rows filtered, so equal ranges can hold very
+    /// unequal work, and with one partition per thread the query ends when the slowest
+    /// partition does while the other threads idle.
     pub target_partitions: usize,
     /// Where operators spill; `None` = the system's temporary directory.
     pub spill_dir: Option<PathBuf>,
@@ -81,15 +87,27 @@ impl Default for QueryConfig {
             timeout: Duration::from_secs(300),
             max_concurrent: 16,
             queue_timeout: Duration::from_secs(10),
-            target_partitions: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            threads: default_threads(),
+            target_partitions: PARTITIONS_PER_THREAD * default_threads(),
             spill_dir: None,
             parquet_pushdown_filters: true,
             time_weighted_lookback: Duration::from_secs(24 * 3600),
             metadata_cache_bytes: 256 << 20,
         }
     }
+}
+
+/// Partitions per query thread by default. Measured on two cores over the TSBS set
+/// (BENCHMARKS.md): twice as many partitions as threads took the skew out of high-cpu-all's
+/// scan and sped up the small queries; eight partitions cost the small queries more than
+/// they gained.
+pub const PARTITIONS_PER_THREAD: usize = 2;
+
+/// One query thread per core.
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 /// Why a query failed.
@@ -320,7 +338,7 @@ impl QueryEngine {
         )
         .map(|m| m.get_file_metadata_cache())
         .expect("a cache configuration that only sets the metadata limit is valid");
-        let executor = Executor::new(config.target_partitions);
+        let executor = Executor::new(config.threads);
         let mode = match &config.spill_dir {
             Some(dir) => DiskManagerMode::Directories(vec![dir.clone()]),
             None => DiskManagerMode::OsTmpDirectory,
