@@ -477,15 +477,6 @@ impl Config {
     /// The query engine's settings.
     pub fn query_config(&self) -> Result<query::QueryConfig, ConfigError> {
         let data_dir = absolute(&self.server.data_dir)?;
-        let defaults = query::QueryConfig::default();
-        let threads = match self.query.threads {
-            0 => defaults.threads,
-            n => n,
-        };
-        let target_partitions = match self.query.partitions {
-            0 => query::PARTITIONS_PER_THREAD * threads,
-            n => n,
-        };
         Ok(query::QueryConfig {
             memory_limit_bytes: self.query.memory_limit_bytes,
             timeout: self.query.timeout,
@@ -500,9 +491,13 @@ impl Config {
             parquet_pushdown_filters: self.query.parquet_pushdown_filters,
             time_weighted_lookback: self.query.time_weighted_lookback,
             metadata_cache_bytes: self.query.metadata_cache_bytes,
-            threads,
-            target_partitions,
-        })
+            ..query::QueryConfig::default()
+        }
+        // 0 in the file means the engine's default.
+        .with_parallelism(
+            (self.query.threads != 0).then_some(self.query.threads),
+            (self.query.partitions != 0).then_some(self.query.partitions),
+        ))
     }
 }
 

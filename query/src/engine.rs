@@ -82,18 +82,29 @@ pub struct QueryConfig {
 
 impl Default for QueryConfig {
     fn default() -> Self {
+        let threads = default_threads();
         QueryConfig {
             memory_limit_bytes: 1 << 30,
             timeout: Duration::from_secs(300),
             max_concurrent: 16,
             queue_timeout: Duration::from_secs(10),
-            threads: default_threads(),
-            target_partitions: PARTITIONS_PER_THREAD * default_threads(),
+            threads,
+            target_partitions: PARTITIONS_PER_THREAD * threads,
             spill_dir: None,
             parquet_pushdown_filters: true,
             time_weighted_lookback: Duration::from_secs(24 * 3600),
             metadata_cache_bytes: 256 << 20,
         }
+    }
+}
+
+impl QueryConfig {
+    /// Sets the query threads (None = one per core) and the partitions of each query (None =
+    /// [`PARTITIONS_PER_THREAD`] per thread).
+    pub fn with_parallelism(mut self, threads: Option<usize>, partitions: Option<usize>) -> Self {
+        self.threads = threads.unwrap_or_else(default_threads);
+        self.target_partitions = partitions.unwrap_or(PARTITIONS_PER_THREAD * self.threads);
+        self
     }
 }
 

@@ -21,9 +21,7 @@ pub mod sandbox;
 pub mod scan_predicate;
 pub mod table;
 
-pub use engine::{
-    PARTITIONS_PER_THREAD, QueryConfig, QueryEngine, QueryError, QueryOptions, QueryStream,
-};
+pub use engine::{QueryConfig, QueryEngine, QueryError, QueryOptions, QueryStream};
 pub use format::OutputFormat;
 pub use metrics::QueryMetrics;
 pub use personal::PersonalAccess;
