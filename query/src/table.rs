@@ -358,52 +358,47 @@ fn sorted_union(indices: impl IntoIterator<Item = usize>) -> Vec<usize> {
     set.into_iter().collect()
 }
 
-/// The time intervals (closed, disjoint, sorted) where rows of a partition may have
-/// duplicates: where two files' ranges meet, and all of the buffered rows' range (its runs
-/// overlap each other).
-fn overlap_intervals(files: &[&FileMeta], buffer: Option<(i64, i64)>) -> Vec<(i64, i64)> {
-    let mut ranges: Vec<(i64, i64)> = files.iter().map(|f| (f.min_time, f.max_time)).collect();
-    let mut meets: Vec<(i64, i64)> = Vec::new();
-    if let Some(b) = buffer {
-        meets.push(b);
-        ranges.push(b);
-    }
-    for i in 0..ranges.len() {
-        for j in i + 1..ranges.len() {
-            let (a, b) = (ranges[i].0.max(ranges[j].0), ranges[i].1.min(ranges[j].1));
-            if a <= b {
-                meets.push((a, b));
+/// The time intervals (closed, disjoint, sorted) covered by two or more of `ranges` (closed
+/// `[min, max]` time ranges of files and buffered runs): only rows at those times can have
+/// a duplicate in another source. Each run and file is deduplicated in itself.
+fn overlap_intervals(ranges: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    let mut ranges = ranges.to_vec();
+    ranges.sort_unstable();
+    let mut merged: Vec<(i64, i64)> = Vec::new();
+    // Swept by start: a range meets those before it from its start up to the furthest end
+    // among them (or its own end, if sooner).
+    let mut reach: Option<i64> = None;
+    for (a, b) in ranges {
+        if let Some(r) = reach
+            && a <= r
+        {
+            let meet = (a, b.min(r));
+            match merged.last_mut() {
+                Some(last) if meet.0 <= last.1.saturating_add(1) => last.1 = last.1.max(meet.1),
+                _ => merged.push(meet),
             }
         }
-    }
-    meets.sort_unstable();
-    let mut merged: Vec<(i64, i64)> = Vec::new();
-    for (a, b) in meets {
-        match merged.last_mut() {
-            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
-            _ => merged.push((a, b)),
-        }
+        reach = Some(reach.map_or(b, |r| r.max(b)));
     }
     merged
 }
 
-/// Smallest and largest time of buffered runs.
-fn time_bounds(runs: &[RecordBatch]) -> (i64, i64) {
-    let mut bounds = (i64::MAX, i64::MIN);
-    for run in runs {
-        if let Some(t) = run.column_by_name(TIME_COLUMN).and_then(|c| {
-            c.as_any()
-                .downcast_ref::<arrow::array::TimestampNanosecondArray>()
-        }) {
-            if let Some(min) = arrow::compute::min(t) {
-                bounds.0 = bounds.0.min(min);
-            }
-            if let Some(max) = arrow::compute::max(t) {
-                bounds.1 = bounds.1.max(max);
-            }
-        }
-    }
-    bounds
+/// Those of `intervals` that meet `[min, max]`.
+fn meeting(intervals: &[(i64, i64)], min: i64, max: i64) -> Vec<(i64, i64)> {
+    intervals
+        .iter()
+        .copied()
+        .filter(|(a, b)| *a <= max && *b >= min)
+        .collect()
+}
+
+/// Smallest and largest time of a buffered run; None if it has no rows.
+fn run_bounds(run: &RecordBatch) -> Option<(i64, i64)> {
+    let t = run
+        .column_by_name(TIME_COLUMN)?
+        .as_any()
+        .downcast_ref::<arrow::array::TimestampNanosecondArray>()?;
+    Some((arrow::compute::min(t)?, arrow::compute::max(t)?))
 }
 
 /// `time` within any of the intervals.
@@ -524,64 +519,154 @@ impl TableProvider for LakeTable {
             .chain(buffered.keys().map(String::as_str))
             .collect();
         let with_time = sorted_union(inner.iter().copied().chain([time_idx]));
+        // Where columns of `cols` (stored indices) sit among the buffered runs' `with_keys`.
+        let within_keys = |cols: &[usize]| -> Vec<usize> {
+            cols.iter()
+                .filter_map(|c| with_keys.iter().position(|k| k == c))
+                .collect()
+        };
+        let order = self.sort_order(&with_keys_schema)?;
+        let sorted_run = |run: &RecordBatch| -> Result<Arc<dyn ExecutionPlan>> {
+            let source =
+                MemorySourceConfig::try_new(&[vec![run.clone()]], with_keys_schema.clone(), None)?
+                    .try_with_sort_information(vec![order.clone()])?;
+            Ok(DataSourceExec::from_data_source(source))
+        };
+        // Buffered runs that no other source meets in time: read as they are.
+        let mut plain_runs: Vec<RecordBatch> = Vec::new();
         for partition in partitions {
             let part_files = files.get(partition).cloned().unwrap_or_default();
-            let buffer = buffered.get(partition);
+            let runs: Vec<(&RecordBatch, (i64, i64))> = buffered
+                .get(partition)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| Some((r, run_bounds(r)?)))
+                .collect();
             // Only rows at times where two sources meet can be duplicates: those go
-            // through the merge, the rest of each file is read as it is.
-            let overlaps = overlap_intervals(&part_files, buffer.map(|runs| time_bounds(runs)));
+            // through the merge, the rest of each file and run is read as it is. Runs are
+            // taken one by one: a run of one group commit meets few others, and merging
+            // the buffer's whole time range put nearly every buffered row through the
+            // single-threaded merge while ingest runs.
+            let ranges: Vec<(i64, i64)> = part_files
+                .iter()
+                .map(|f| (f.min_time, f.max_time))
+                .chain(runs.iter().map(|(_, bounds)| *bounds))
+                .collect();
+            let overlaps = overlap_intervals(&ranges);
             if overlaps.is_empty() {
                 plain_files.extend(part_files);
+                plain_runs.extend(runs.into_iter().map(|(r, _)| r.clone()));
                 continue;
             }
-            let inside = intervals_expr(&overlaps);
-            let outside = Expr::Not(Box::new(inside.clone()));
-            let (merged_files, rest): (Vec<&FileMeta>, Vec<&FileMeta>) =
-                part_files.iter().partition(|f| {
-                    overlaps
-                        .iter()
-                        .any(|(a, b)| f.min_time <= *b && f.max_time >= *a)
-                });
-            plain_files.extend(rest);
-            let partly_outside: Vec<&FileMeta> = merged_files
+            let (merged_files, rest): (Vec<&FileMeta>, Vec<&FileMeta>) = part_files
                 .iter()
-                .copied()
-                .filter(|f| {
-                    !overlaps
-                        .iter()
-                        .any(|(a, b)| *a <= f.min_time && f.max_time <= *b)
-                })
-                .collect();
-            if !partly_outside.is_empty() {
-                let predicate =
-                    conjunction(all_filters.clone().into_iter().chain([outside.clone()]));
-                let scan =
-                    self.parquet_scan(state, &partly_outside, &kept, &with_time, predicate, false)?;
-                let kept = exact_filter(state, scan, &self.stored, &with_time, outside)?;
-                branches.push(project(kept, &self.stored, &with_time, &inner)?);
-            }
-            // Overlapping files and buffered runs, within the overlaps: merge by key, dedup.
-            let order = self.sort_order(&with_keys_schema)?;
+                .partition(|f| !meeting(&overlaps, f.min_time, f.max_time).is_empty());
+            plain_files.extend(rest);
             let mut inputs = Vec::new();
             if !merged_files.is_empty() {
+                // The predicate is evaluated on every row read: only the intervals these
+                // files meet.
+                let near: BTreeSet<(i64, i64)> = merged_files
+                    .iter()
+                    .flat_map(|f| meeting(&overlaps, f.min_time, f.max_time))
+                    .collect();
+                let near: Vec<(i64, i64)> = near.into_iter().collect();
+                let inside = intervals_expr(&near);
+                let outside = Expr::Not(Box::new(inside.clone()));
+                let partly_outside: Vec<&FileMeta> = merged_files
+                    .iter()
+                    .copied()
+                    .filter(|f| {
+                        !near
+                            .iter()
+                            .any(|(a, b)| *a <= f.min_time && f.max_time <= *b)
+                    })
+                    .collect();
+                if !partly_outside.is_empty() {
+                    let predicate =
+                        conjunction(all_filters.clone().into_iter().chain([outside.clone()]));
+                    let scan = self.parquet_scan(
+                        state,
+                        &partly_outside,
+                        &kept,
+                        &with_time,
+                        predicate,
+                        false,
+                    )?;
+                    let kept = exact_filter(state, scan, &self.stored, &with_time, outside)?;
+                    branches.push(project(kept, &self.stored, &with_time, &inner)?);
+                }
                 let predicate =
                     conjunction(key_filters.clone().into_iter().chain([inside.clone()]));
                 let scan =
                     self.parquet_scan(state, &merged_files, &kept, &with_keys, predicate, true)?;
                 inputs.push(exact_filter(state, scan, &self.stored, &with_keys, inside)?);
             }
-            if let Some(runs) = buffer {
-                let partitions: Vec<Vec<RecordBatch>> =
-                    runs.iter().map(|r| vec![r.clone()]).collect();
-                let source =
-                    MemorySourceConfig::try_new(&partitions, with_keys_schema.clone(), None)?
-                        .try_with_sort_information(vec![order.clone()])?;
-                inputs.push(DataSourceExec::from_data_source(source));
+            for (run, (min, max)) in runs {
+                let near = meeting(&overlaps, min, max);
+                if near.is_empty() {
+                    plain_runs.push(run.clone());
+                    continue;
+                }
+                if near.iter().any(|(a, b)| *a <= min && max <= *b) {
+                    inputs.push(sorted_run(run)?);
+                    continue;
+                }
+                // Split: the rows where another source meets this run are merged, the
+                // rest pass by the merge (only the columns the query reads).
+                let inside = intervals_expr(&near);
+                let rows = sorted_run(run)?;
+                inputs.push(exact_filter(
+                    state,
+                    rows,
+                    &self.stored,
+                    &with_keys,
+                    inside.clone(),
+                )?);
+                let rest = MemorySourceConfig::try_new(
+                    &[vec![run.clone()]],
+                    with_keys_schema.clone(),
+                    Some(within_keys(&with_time)),
+                )?;
+                let rest = exact_filter(
+                    state,
+                    DataSourceExec::from_data_source(rest),
+                    &self.stored,
+                    &with_time,
+                    Expr::Not(Box::new(inside)),
+                )?;
+                branches.push(project(rest, &self.stored, &with_time, &inner)?);
+            }
+            if inputs.is_empty() {
+                continue;
             }
             let union = UnionExec::try_new(inputs)?;
             let merged = Arc::new(SortPreservingMergeExec::new(order.clone(), union));
-            let deduped = Arc::new(DedupExec::new(merged, order));
+            let deduped = Arc::new(DedupExec::new(merged, order.clone()));
             branches.push(project(deduped, &self.stored, &with_keys, &inner)?);
+        }
+        if !plain_runs.is_empty() {
+            // Whole runs spread over the query's partitions, the largest first onto the
+            // partition with the fewest rows.
+            let n = state
+                .config()
+                .target_partitions()
+                .clamp(1, plain_runs.len());
+            plain_runs.sort_by_key(|r| std::cmp::Reverse(r.num_rows()));
+            let mut parts: Vec<(usize, Vec<RecordBatch>)> = vec![(0, Vec::new()); n];
+            for run in plain_runs {
+                if let Some(part) = parts.iter_mut().min_by_key(|(rows, _)| *rows) {
+                    part.0 += run.num_rows();
+                    part.1.push(run);
+                }
+            }
+            let parts: Vec<Vec<RecordBatch>> = parts.into_iter().map(|(_, p)| p).collect();
+            let source = MemorySourceConfig::try_new(
+                &parts,
+                with_keys_schema.clone(),
+                Some(within_keys(&inner)),
+            )?;
+            branches.push(DataSourceExec::from_data_source(source));
         }
         if !plain_files.is_empty() {
             branches.push(self.parquet_scan(
@@ -699,34 +784,151 @@ mod tests {
         assert_eq!(TimeRange::from_filters(&or), TimeRange::ALL);
     }
 
-    fn file(min_time: i64, max_time: i64) -> FileMeta {
-        FileMeta {
-            path: String::new(),
-            partition: String::new(),
-            rows: 1,
-            bytes: 1,
-            min_time,
-            max_time,
-            min_seq: 0,
-            max_seq: 0,
-            schema_version: 1,
-            compacted: false,
-            key_ids: None,
-            deletes: None,
+    #[test]
+    fn only_where_sources_meet_is_merged() {
+        let (a, b, c) = ((0, 10), (10, 20), (30, 40));
+        assert_eq!(overlap_intervals(&[a, c]), vec![]);
+        assert_eq!(overlap_intervals(&[a, b, c]), vec![(10, 10)]);
+        // Buffered runs count one by one: two that do not meet add nothing.
+        assert_eq!(
+            overlap_intervals(&[a, b, c, (21, 25), (26, 29)]),
+            vec![(10, 10)]
+        );
+        assert_eq!(
+            overlap_intervals(&[a, b, c, (18, 25), (24, 31)]),
+            vec![(10, 10), (18, 20), (24, 25), (30, 31)]
+        );
+        // A range inside another, in any order; meetings that touch become one.
+        assert_eq!(overlap_intervals(&[(5, 31), a, c]), vec![(5, 10), (30, 31)]);
+        assert_eq!(overlap_intervals(&[(0, 100), (1, 2), (3, 4)]), vec![(1, 4)]);
+        assert_eq!(overlap_intervals(&[(7, 7), (7, 7)]), vec![(7, 7)]);
+        assert_eq!(meeting(&[(1, 4), (8, 9)], 4, 7), vec![(1, 4)]);
+    }
+
+    /// A table of buffered runs only (the rows of `store::dedup::fixtures`).
+    fn buffered_table(runs: &[&[store::dedup::fixtures::Row<'_>]]) -> LakeTable {
+        let mut schema = store::TableSchema::new();
+        schema.add_column("host", ColumnType::Tag);
+        schema.add_column("a", ColumnType::Float);
+        schema.add_column("b", ColumnType::Float);
+        let runs = runs
+            .iter()
+            .map(|r| store::dedup::sort_dedup(&store::dedup::fixtures::batch(r)).unwrap())
+            .collect();
+        let snapshot = TableSnapshot {
+            db: "db".into(),
+            table: "m".into(),
+            schema,
+            options: store::TableOptions::default(),
+            buffered: vec![(store::PartitionGranularity::Day.partition_of(0), runs)],
+            manifest: None,
+        };
+        LakeTable::new(
+            snapshot,
+            ObjectStoreUrl::parse("historian://lake/").unwrap(),
+            0,
+        )
+    }
+
+    #[tokio::test]
+    async fn buffered_runs_merge_only_where_they_meet() {
+        // The first two runs meet at 20 (a resend of a@20 with a new `a`); the third meets
+        // neither.
+        let table = buffered_table(&[
+            &[
+                ("a", 10, Some(1.0), None, 1),
+                ("b", 20, Some(2.0), None, 2),
+                ("a", 20, Some(3.0), Some(30.0), 3),
+            ],
+            &[("a", 20, Some(4.0), None, 4), ("a", 25, Some(5.0), None, 5)],
+            &[("a", 40, Some(6.0), None, 6), ("b", 50, Some(7.0), None, 7)],
+        ]);
+        let ctx = datafusion::prelude::SessionContext::new();
+        ctx.register_table("m", Arc::new(table)).unwrap();
+        let df = ctx
+            .sql("SELECT host, CAST(time AS BIGINT) AS t, a, b FROM m ORDER BY host, t")
+            .await
+            .unwrap();
+        let plan = df.create_physical_plan().await.unwrap();
+        let batches = datafusion::physical_plan::collect(plan.clone(), ctx.task_ctx())
+            .await
+            .unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        let expected = [
+            "+------+----+-----+------+",
+            "| host | t  | a   | b    |",
+            "+------+----+-----+------+",
+            "| a    | 10 | 1.0 |      |",
+            "| a    | 20 | 4.0 | 30.0 |",
+            "| a    | 25 | 5.0 |      |",
+            "| a    | 40 | 6.0 |      |",
+            "| b    | 20 | 2.0 |      |",
+            "| b    | 50 | 7.0 |      |",
+            "+------+----+-----+------+",
+        ]
+        .join("\n");
+        assert_eq!(text, expected);
+        // Only the three rows at 20 went through the merge below the dedup.
+        fn merged_rows(plan: &Arc<dyn ExecutionPlan>) -> Vec<usize> {
+            let mut out = Vec::new();
+            if plan.name() == "DedupExec" {
+                let input = &plan.children()[0];
+                out.push(input.metrics().and_then(|m| m.output_rows()).unwrap_or(0));
+            }
+            for c in plan.children() {
+                out.extend(merged_rows(c));
+            }
+            out
+        }
+        assert_eq!(merged_rows(&plan), vec![3]);
+        // No column read at all, and a filter that leaves the merged time out.
+        for (sql, n) in [
+            ("SELECT count(*) AS n FROM m", 6),
+            // The older a@20 (3.0) must not count.
+            ("SELECT count(*) AS n FROM m WHERE a < 3.5", 2),
+            ("SELECT count(*) AS n FROM m WHERE host = 'b'", 2),
+        ] {
+            let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+            let count = batches[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .value(0);
+            assert_eq!(count, n, "{sql}");
         }
     }
 
+    /// Every time covered by two or more ranges, and only those, lies in the intervals.
     #[test]
-    fn only_where_sources_meet_is_merged() {
-        let (a, b, c) = (file(0, 10), file(10, 20), file(30, 40));
-        assert_eq!(overlap_intervals(&[&a, &c], None), vec![]);
-        assert_eq!(overlap_intervals(&[&a, &b, &c], None), vec![(10, 10)]);
-        // The buffer's whole range, and where it meets a file.
-        assert_eq!(
-            overlap_intervals(&[&a, &b, &c], Some((18, 25))),
-            vec![(10, 10), (18, 25)]
-        );
-        assert_eq!(overlap_intervals(&[&a, &c], Some((5, 31))), vec![(5, 31)]);
+    fn overlap_intervals_agree_with_counting() {
+        let mut seed = 0x9e37_79b9_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as i64
+        };
+        for _ in 0..500 {
+            let ranges: Vec<(i64, i64)> = (0..next(8))
+                .map(|_| {
+                    let a = next(60);
+                    (a, a + next(15))
+                })
+                .collect();
+            let intervals = overlap_intervals(&ranges);
+            assert!(
+                intervals.windows(2).all(|w| w[0].1 + 1 < w[1].0),
+                "{intervals:?}"
+            );
+            for t in -1..80 {
+                let covering = ranges.iter().filter(|(a, b)| *a <= t && t <= *b).count();
+                let inside = intervals.iter().any(|(a, b)| *a <= t && t <= *b);
+                assert_eq!(inside, covering >= 2, "t={t} {ranges:?} -> {intervals:?}");
+            }
+        }
     }
 }
 
