@@ -398,6 +398,65 @@ max_files_per_partition = 3
 }
 
 #[tokio::test]
+async fn a_hot_partition_compacts_neighbours_in_time_into_files_that_do_not_overlap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        r#"
+[persist]
+flush_age = "50ms"
+interval = "50ms"
+max_files_per_partition = 2
+"#,
+    );
+    // Three flushes: small, big, small, in time order. Merging the two smallest would
+    // give a file spanning the big one's whole range.
+    let base = now_ns() - 3_600_000_000_000;
+    let second = 1_000_000_000i64;
+    for (i, (start, rows)) in [(0i64, 20i64), (10, 2000), (20, 20)]
+        .into_iter()
+        .enumerate()
+    {
+        let body: String = (0..rows)
+            .map(|n| {
+                let t = base + start * second + n * (second / rows);
+                format!("m,host=h{} v={n} {t}\n", n % 5)
+            })
+            .collect();
+        write(&server, "db", body).await;
+        // The third file is compacted away as soon as it lands: not waited for.
+        if i < 2 {
+            common::wait_for_files(&server, "db", "m", i + 1).await;
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let files = loop {
+        let m = common::manifest(&server.lake(), "db", "m");
+        let files = m["files"].as_array().unwrap().clone();
+        if files.len() == 2 && files.iter().any(|f| f["compacted"] == json!(true)) {
+            break files;
+        }
+        assert!(std::time::Instant::now() < deadline, "no compaction: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut ranges: Vec<(i64, i64)> = files
+        .iter()
+        .map(|f| {
+            (
+                f["min_time"].as_i64().unwrap(),
+                f["max_time"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    ranges.sort();
+    assert!(
+        ranges[0].1 < ranges[1].0,
+        "files overlap in time: {ranges:?}"
+    );
+    assert_eq!(count(&server, "db", "m").await, 2040);
+}
+
+#[tokio::test]
 async fn rows_past_the_ttl_are_hidden_before_the_sweeper_runs() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(

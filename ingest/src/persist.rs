@@ -246,6 +246,14 @@ fn remove_local_temp_files(dir: &std::path::Path) {
 /// A Parquet file being uploaded to the lake.
 type ParquetUpload = AsyncArrowWriter<LakeSink>;
 
+/// The `n` consecutive files (or all, if fewer) with the fewest bytes together.
+fn lightest_window(files: &[FileMeta], n: usize) -> std::ops::Range<usize> {
+    let n = n.min(files.len());
+    (0..=files.len() - n)
+        .min_by_key(|&i| files[i..i + n].iter().map(|f| f.bytes).sum::<u64>())
+        .map_or(0..0, |i| i..i + n)
+}
+
 fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -873,22 +881,25 @@ impl Persister {
                 .into_iter()
                 .filter(|f| f.bytes < self.config.target_file_bytes)
                 .collect();
-            small.sort_by_key(|f| f.bytes);
-            // A partition still being written merges only its smallest files, just enough
+            // A partition still being written merges only a few of its files, just enough
             // to get back under the limit: re-merging its big file at every flush would
-            // cost work quadratic in the partition's size. A closed one merges them all.
-            let wanted = if closed {
-                usize::MAX
+            // cost work quadratic in the partition's size. They are neighbours in time,
+            // the smallest such run: a merge of files far apart in time spans the files
+            // between them, and every query of that stretch then merges them all (the
+            // smallest files, chosen by size alone, left the hot partition of a load in
+            // files that each overlapped all the others). A closed partition merges all,
+            // in time order as far as one merge may take.
+            small.sort_by_key(|f| (f.min_time, f.max_time));
+            let candidates: Vec<FileMeta> = if closed {
+                small
             } else {
-                (files_count - limit + 1).max(2)
+                let window = lightest_window(&small, (files_count - limit + 1).max(2));
+                small.drain(window).collect()
             };
             let mut chosen = Vec::new();
             let mut total = 0;
-            for f in small {
-                if chosen.len() >= wanted
-                    || (total + f.bytes > self.config.compaction_max_input_bytes
-                        && chosen.len() >= 2)
-                {
+            for f in candidates {
+                if total + f.bytes > self.config.compaction_max_input_bytes && chosen.len() >= 2 {
                     break;
                 }
                 total += f.bytes;
@@ -1133,6 +1144,29 @@ impl Persister {
 mod props_tests {
     use super::*;
     use arrow::datatypes::{DataType, Field, Schema};
+
+    #[test]
+    fn the_lightest_window_is_the_run_of_neighbours_with_the_fewest_bytes() {
+        let file = |bytes: u64| FileMeta {
+            path: String::new(),
+            partition: String::new(),
+            rows: 1,
+            bytes,
+            min_time: 0,
+            max_time: 0,
+            min_seq: 0,
+            max_seq: 0,
+            schema_version: 1,
+            compacted: false,
+            key_ids: None,
+            deletes: None,
+        };
+        let files: Vec<FileMeta> = [5, 90, 4, 3, 80, 1].into_iter().map(file).collect();
+        assert_eq!(lightest_window(&files, 2), 2..4);
+        assert_eq!(lightest_window(&files, 3), 3..6);
+        assert_eq!(lightest_window(&files, 9), 0..6);
+        assert_eq!(lightest_window(&[], 2), 0..0);
+    }
 
     #[test]
     fn ciphertext_columns_skip_dictionary_compression_and_page_statistics() {
