@@ -282,7 +282,9 @@ with psycopg.connect(DSN, autocommit=True) as conn:
     t.start()
     started = time.time()
     try:
-        conn.execute("SELECT count(*) FROM machine a, machine b, machine c, machine d, machine e, machine f, machine g")
+        # Every joined row's columns are read: a count(*) of rows the buffer holds as they
+        # are comes from statistics, without running the join.
+        conn.execute("SELECT sum(a.count * b.count + c.count * d.count + e.count * f.count + g.count) FROM machine a, machine b, machine c, machine d, machine e, machine f, machine g")
         out["cancel"] = "not cancelled"
     except psycopg.errors.QueryCanceled as e:
         out["cancel"] = "cancelled"

@@ -583,7 +583,8 @@ async fn a_sort_larger_than_the_memory_limit_spills_into_one_working_directory()
 #[tokio::test]
 async fn a_query_is_split_into_the_configured_partitions_and_answers_alike() {
     let t = now_ns();
-    let lines: String = (0..3000)
+    // More rows than a batch: DataFusion spreads only inputs it cannot tell are small.
+    let lines: String = (0..30_000)
         .map(|i| format!("m,line=L{} v={i} {}\n", i % 3, t + i))
         .collect();
     let mut answers = Vec::new();
@@ -603,8 +604,8 @@ async fn a_query_is_split_into_the_configured_partitions_and_answers_alike() {
     assert_eq!(answers[0], answers[1]);
     let expected: Vec<Value> = (0..3)
         .map(|l| {
-            let sum: i64 = (0..3000).filter(|i| i % 3 == l).sum();
-            json!({"line": format!("L{l}"), "n": 1000, "s": sum as f64})
+            let sum: i64 = (0..30_000).filter(|i| i % 3 == l).sum();
+            json!({"line": format!("L{l}"), "n": 10_000, "s": sum as f64})
         })
         .collect();
     assert_eq!(answers[0], expected);
