@@ -392,6 +392,11 @@ fn meeting(intervals: &[(i64, i64)], min: i64, max: i64) -> Vec<(i64, i64)> {
         .collect()
 }
 
+/// Whether one of `intervals` holds all of `[min, max]`.
+fn covers(intervals: &[(i64, i64)], min: i64, max: i64) -> bool {
+    intervals.iter().any(|(a, b)| *a <= min && max <= *b)
+}
+
 /// Smallest and largest time of a buffered run; None if it has no rows.
 fn run_bounds(run: &RecordBatch) -> Option<(i64, i64)> {
     let t = run
@@ -558,9 +563,12 @@ impl TableProvider for LakeTable {
                 plain_runs.extend(runs.into_iter().map(|(r, _)| r.clone()));
                 continue;
             }
-            let (merged_files, rest): (Vec<&FileMeta>, Vec<&FileMeta>) = part_files
-                .iter()
-                .partition(|f| !meeting(&overlaps, f.min_time, f.max_time).is_empty());
+            let (merged_files, rest): (Vec<&FileMeta>, Vec<&FileMeta>) =
+                part_files.iter().partition(|f| {
+                    overlaps
+                        .iter()
+                        .any(|(a, b)| *a <= f.max_time && *b >= f.min_time)
+                });
             plain_files.extend(rest);
             let mut inputs = Vec::new();
             if !merged_files.is_empty() {
@@ -576,11 +584,7 @@ impl TableProvider for LakeTable {
                 let partly_outside: Vec<&FileMeta> = merged_files
                     .iter()
                     .copied()
-                    .filter(|f| {
-                        !near
-                            .iter()
-                            .any(|(a, b)| *a <= f.min_time && f.max_time <= *b)
-                    })
+                    .filter(|f| !covers(&near, f.min_time, f.max_time))
                     .collect();
                 if !partly_outside.is_empty() {
                     let predicate =
@@ -608,7 +612,7 @@ impl TableProvider for LakeTable {
                     plain_runs.push(run.clone());
                     continue;
                 }
-                if near.iter().any(|(a, b)| *a <= min && max <= *b) {
+                if covers(&near, min, max) {
                     inputs.push(sorted_run(run)?);
                     continue;
                 }
