@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use ahash::AHashMap;
 use std::sync::Arc;
 
-use privacy::{Entry, Keyring, associated_data, encrypt_values_into};
+use privacy::{CURRENT_VERSION, Entry, Keyring, associated_data, encrypt_values_into};
 use smallvec::SmallVec;
 use store::{CIPHER_SUFFIX, TableOptions, UnknownColumns, cipher_column};
 
@@ -335,20 +335,19 @@ pub fn protect_line<'a: 's, 's>(
     cells.clear();
     let mut ranges: SmallVec<[std::ops::Range<usize>; 2]> = SmallVec::new();
     for ((i, value), place) in subjects.iter().zip(&places) {
-        let (name, column) = &cache.subjects[*i];
+        let column = &cache.subjects[*i].1;
         let series = line.tags.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
-        associated_data(aad, scope, column, series, time);
-        let values = std::iter::once((name.as_str(), value.as_ref())).chain(
-            personal
-                .iter()
-                .filter(|(_, s, _)| s == i)
-                .map(|(p, _, v)| (p.as_ref(), v.as_ref())),
-        );
+        associated_data(aad, CURRENT_VERSION, scope, column, series, time);
+        let personal_values = personal
+            .iter()
+            .filter(|(_, s, _)| s == i)
+            .map(|(p, _, v)| (p.as_ref(), v.as_ref()));
         ranges.push(encrypt_values_into(
             cells,
             &cache.entries[*place],
             aad,
-            values,
+            value,
+            personal_values,
         ));
     }
     let cells: &'s Vec<u8> = cells;
@@ -410,7 +409,7 @@ mod tests {
 
     /// Decrypts the line's `operator_id__enc` cell (its first field) as a reader would: with
     /// the associated data of the stored row's tags, which must be sorted by name.
-    fn open_first_cell(line: &ParsedLine<'_>, k: &Keyring, time: i64) -> Vec<u8> {
+    fn open_first_cell(line: &ParsedLine<'_>, k: &Keyring, time: i64) -> privacy::Plaintext {
         let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
             panic!("the first field is a cell")
         };
@@ -424,7 +423,14 @@ mod tests {
             "stored tags are sorted"
         );
         let mut aad = Vec::new();
-        associated_data(&mut aad, "db/mes", "operator_id__enc", series, time);
+        associated_data(
+            &mut aad,
+            privacy::version_of(cell).unwrap(),
+            "db/mes",
+            "operator_id__enc",
+            series,
+            time,
+        );
         let keys = k.keys();
         decrypt_cell(cell, &aad, |id| keys.get(id)).unwrap()
     }
@@ -463,10 +469,10 @@ mod tests {
         assert_eq!(names, ["operator_id__enc", "supervisor_id__enc"]);
         let plain = open_first_cell(&line, &k, 1_000);
         assert_eq!(
-            privacy::value_of(&plain, "operator_name"),
+            plain.value("operator_id", "operator_name"),
             Some("Zoë O'Brien")
         );
-        assert_eq!(privacy::value_of(&plain, "operator_id"), Some("E7"));
+        assert_eq!(plain.value("operator_id", "operator_id"), Some("E7"));
         assert!(s.generation > 0);
     }
 
@@ -502,7 +508,7 @@ mod tests {
                 .unwrap();
             let line = owned(protect_line(line, time, "db/mes", &opts, Some(&k), &mut s).unwrap());
             let plain = open_first_cell(&line, &k, time);
-            assert_eq!(privacy::value_of(&plain, "operator_id"), Some("E7"));
+            assert_eq!(plain.value("operator_id", "operator_id"), Some("E7"));
             let FieldValue::Encrypted(cell) = &line.fields[0].1 else {
                 panic!("the first field is a cell")
             };

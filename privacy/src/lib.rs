@@ -10,8 +10,8 @@ pub mod keyring;
 pub mod master;
 
 pub use cell::{
-    CellError, associated_data, decrypt_cell, encrypt_cell, encrypt_values, encrypt_values_into,
-    key_id_of, value_of,
+    CURRENT_VERSION, CellError, Plaintext, associated_data, decrypt_cell, encrypt_cell,
+    encrypt_values, encrypt_values_into, key_id_of, version_of,
 };
 pub use keyring::{
     DESTROYED_FILE, DestroyReason, Entry, KEYRING_FILE, KeyView, Keyring, KeyringError,

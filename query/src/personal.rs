@@ -32,7 +32,9 @@ use datafusion::physical_plan::{
     SendableRecordBatchStream,
 };
 use futures::StreamExt;
-use privacy::{CellError, Keyring, associated_data, decrypt_cell, key_id_of, value_of};
+use privacy::{
+    CellError, Keyring, Plaintext, associated_data, decrypt_cell, key_id_of, version_of,
+};
 use store::{CIPHER_SUFFIX, ColumnType, TIME_COLUMN};
 
 use crate::policy::{ColumnMode, DecryptionLog, RowPolicy, TableAccess, is_plain_comparison};
@@ -415,7 +417,7 @@ impl Decryptor {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.outputs.len());
         let mut tampered = 0usize;
         let mut prepared: Option<RowContext> = None;
-        let mut opened: Vec<(usize, Vec<Option<Vec<u8>>>)> = Vec::new();
+        let mut opened: Vec<(usize, Vec<Option<Plaintext>>)> = Vec::new();
         for out in &self.outputs {
             match out {
                 ViewColumn::Plain(i) => columns.push(batch.column(*i).clone()),
@@ -455,9 +457,10 @@ impl Decryptor {
                         .find(|(c, _)| c == cell)
                         .expect("opened above")
                         .1;
+                    let subject = cell_name.strip_suffix(CIPHER_SUFFIX).unwrap_or(cell_name);
                     let mut out = StringBuilder::with_capacity(rows, rows * 16);
                     for p in plain {
-                        out.append_option(p.as_deref().and_then(|p| value_of(p, value)));
+                        out.append_option(p.as_ref().and_then(|p| p.value(subject, value)));
                     }
                     columns.push(Arc::new(out.finish()));
                 }
@@ -485,7 +488,7 @@ impl Decryptor {
         column: &str,
         tags: &[(String, StringArray)],
         time: Option<&ArrayRef>,
-    ) -> (Vec<Option<Vec<u8>>>, usize) {
+    ) -> (Vec<Option<Plaintext>>, usize) {
         let rows = cells.len();
         let (Some(keyring), Some(cells), Some(time)) = (
             &self.keyring,
@@ -511,22 +514,33 @@ impl Decryptor {
                 .iter()
                 .filter(|(_, a)| a.is_valid(row))
                 .map(|(n, a)| (n.as_str(), a.value(row)));
-            associated_data(&mut aad, &self.scope, column, series, time.value(row));
-            out.push(
-                match decrypt_cell(cells.value(row), &aad, |id| keys.get(id)) {
-                    Ok(plain) => {
-                        if let Some(id) = key_id_of(cells.value(row)) {
-                            used.push(id);
-                        }
-                        Some(plain)
-                    }
-                    Err(CellError::KeyGone) => None,
-                    Err(CellError::Tampered | CellError::Malformed) => {
-                        tampered += 1;
-                        None
-                    }
-                },
+            let cell = cells.value(row);
+            let Some(version) = version_of(cell) else {
+                tampered += 1;
+                out.push(None);
+                continue;
+            };
+            associated_data(
+                &mut aad,
+                version,
+                &self.scope,
+                column,
+                series,
+                time.value(row),
             );
+            out.push(match decrypt_cell(cell, &aad, |id| keys.get(id)) {
+                Ok(plain) => {
+                    if let Some(id) = key_id_of(cell) {
+                        used.push(id);
+                    }
+                    Some(plain)
+                }
+                Err(CellError::KeyGone) => None,
+                Err(CellError::Tampered | CellError::Malformed) => {
+                    tampered += 1;
+                    None
+                }
+            });
         }
         if let Some(log) = &self.log {
             let cells = used.len() as u64;
@@ -675,7 +689,7 @@ mod tests {
     use datafusion::execution::object_store::ObjectStoreUrl;
     use datafusion::logical_expr::col;
     use datafusion::prelude::SessionContext;
-    use privacy::{DestroyReason, MasterKey, encrypt_values};
+    use privacy::{CURRENT_VERSION, DestroyReason, MasterKey, encrypt_values};
     use store::{KeyPeriod, PartitionGranularity, TableOptions, TableSchema, TableSnapshot};
 
     use super::*;
@@ -733,9 +747,20 @@ mod tests {
                 .entry(subject)
                 .or_insert_with(|| entry.pseudonym.clone());
             let series = [("event", event), ("operator_id", entry.pseudonym.as_str())];
-            associated_data(&mut aad, "db/mes", "operator_id__enc", series, time);
-            let values = [("operator_id", subject), ("operator_name", name)];
-            enc.push(encrypt_values(&entry, &aad, values));
+            associated_data(
+                &mut aad,
+                CURRENT_VERSION,
+                "db/mes",
+                "operator_id__enc",
+                series,
+                time,
+            );
+            enc.push(encrypt_values(
+                &entry,
+                &aad,
+                subject,
+                [("operator_name", name)],
+            ));
             events.append_value(event);
             subjects.append_value(&entry.pseudonym);
             times.push(time);
