@@ -493,4 +493,35 @@ mod timing {
             t.elapsed().as_nanos() as f64 / n as f64
         );
     }
+
+    /// The seal alone at the sizes of an MES cell in each version, alternated in one
+    /// process so that a shared machine's drift hits both alike: best of 15 rounds.
+    #[test]
+    #[ignore = "timing, run with --release --ignored --nocapture"]
+    fn seal_cost_by_version() {
+        let entry = Entry::for_test(7);
+        // (associated data, plaintext) of the benches' operator cell: version 1, version 2.
+        let sizes = [("version 1", 170, 81), ("version 2", 135, 60)];
+        let mut best = [f64::MAX; 2];
+        let n = 200_000;
+        let mut out = Vec::with_capacity(256);
+        for _ in 0..15 {
+            for (i, (_, aad_len, plain_len)) in sizes.iter().enumerate() {
+                let aad = vec![3u8; *aad_len];
+                let plain = vec![5u8; *plain_len];
+                let t = std::time::Instant::now();
+                for _ in 0..n {
+                    out.clear();
+                    seal_into(&mut out, &entry, &aad, |b| b.extend_from_slice(&plain));
+                    std::hint::black_box(&out);
+                }
+                best[i] = best[i].min(t.elapsed().as_nanos() as f64 / n as f64);
+            }
+        }
+        for ((name, aad_len, plain_len), ns) in sizes.iter().zip(best) {
+            eprintln!(
+                "{name}: {aad_len} bytes associated, {plain_len} sealed: {ns:.0} ns per cell"
+            );
+        }
+    }
 }
