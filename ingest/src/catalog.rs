@@ -1,7 +1,7 @@
 //! The catalog of databases and tables: schemas, limits and series counts, and the
 //! validation of parsed lines against them into Arrow batches ready for the WAL.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
@@ -82,7 +82,7 @@ pub struct TableCatalog {
 #[derive(Debug)]
 struct TableState {
     schema: TableSchema,
-    series: HashSet<u64>,
+    series: ahash::AHashSet<u64>,
 }
 
 impl TableCatalog {
@@ -120,7 +120,8 @@ pub struct Catalog {
     limits: Limits,
     table_options: HashMap<String, TableOptions>,
     keyring: Option<Arc<privacy::Keyring>>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Keyed per process: series hashes only ever meet others of the same process.
+    hasher: ahash::RandomState,
 }
 
 /// Rows of one table and partition from one write, as an Arrow batch without `_seq`.
@@ -253,7 +254,7 @@ impl Catalog {
             options: self.options_for(table),
             state: Mutex::new(TableState {
                 schema: TableSchema::new(),
-                series: HashSet::new(),
+                series: ahash::AHashSet::new(),
             }),
         })
     }
