@@ -57,8 +57,8 @@ pub enum PersonalAccess {
 enum ViewColumn {
     /// As stored.
     Plain(usize),
-    /// The value named `value` in the subject cell at this index, stored under
-    /// `cell_name`.
+    /// Column `value` (the subject itself or one of its personal columns) from the subject
+    /// cell at this index, stored under `cell_name`.
     Decrypted {
         cell: usize,
         cell_name: String,
