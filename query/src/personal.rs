@@ -33,7 +33,8 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 use privacy::{
-    CellError, Keyring, Plaintext, associated_data, decrypt_cell, key_id_of, version_of,
+    CURRENT_VERSION, CellError, Keyring, Plaintext, associated_data, decrypt_cell, key_id_of,
+    version_of,
 };
 use store::{CIPHER_SUFFIX, ColumnType, TIME_COLUMN};
 
@@ -515,11 +516,8 @@ impl Decryptor {
                 .filter(|(_, a)| a.is_valid(row))
                 .map(|(n, a)| (n.as_str(), a.value(row)));
             let cell = cells.value(row);
-            let Some(version) = version_of(cell) else {
-                tampered += 1;
-                out.push(None);
-                continue;
-            };
+            // A cell of no known version is refused as malformed by `decrypt_cell` below.
+            let version = version_of(cell).unwrap_or(CURRENT_VERSION);
             associated_data(
                 &mut aad,
                 version,
@@ -689,7 +687,7 @@ mod tests {
     use datafusion::execution::object_store::ObjectStoreUrl;
     use datafusion::logical_expr::col;
     use datafusion::prelude::SessionContext;
-    use privacy::{CURRENT_VERSION, DestroyReason, MasterKey, encrypt_values};
+    use privacy::{DestroyReason, MasterKey, encrypt_values};
     use store::{KeyPeriod, PartitionGranularity, TableOptions, TableSchema, TableSnapshot};
 
     use super::*;
